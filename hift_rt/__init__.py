@@ -1,0 +1,1 @@
+"""hift_rt: hierarchical full-parameter fine-tuning runtime."""

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m hift_rt.bench {kernels,engine,finetune}`."""

@@ -1,0 +1,1 @@
+"""Triton update kernels."""
