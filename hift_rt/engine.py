@@ -1,0 +1,303 @@
+"""Torch-facing layer over the C++ transfer engine (`hift_rt._C`).
+
+The engine moves bytes between host buffers it owns (pinned under CUDA) and device memory, on
+one stream per direction, and hands out integer tickets. This layer takes torch tensors:
+
+- device-side tensors come from torch's caching allocator (`torch.cuda.memory_allocated()` tells
+  the truth); on CUDA each one is `record_stream`-ed on the engine stream that uses it, so the
+  allocator never hands its memory to someone else while a copy is in flight;
+- host-side tensors are views of a `HostBuffer` (engine-allocated, or registered torch memory);
+- every transfer that reads device memory is ordered after the work queued so far on the current
+  torch stream (an event recorded there, waited on by the copy stream: no host sync), and
+  transfers touching the same bytes are ordered by the engine itself;
+- `wait(ticket, stream)` makes a torch stream wait device-side; `wait(ticket)` blocks the host.
+
+Lifetime rules (the engine enforces them, see DESIGN.md "The C++ transfer engine"):
+freeing a HostBuffer waits for every transfer in flight that touches it; CPU tensors used as the
+"device" side by the host backend are kept referenced here until their ticket is done.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Iterable, Optional
+
+import torch
+
+from . import _C
+
+EngineError = _C.EngineError
+DEFAULT_CHUNK_BYTES = _C.DEFAULT_CHUNK_BYTES
+
+
+def build_info() -> dict:
+    """How `hift_rt._C` was built: `cuda_compiled`, `cuda_runtime_version`, default chunk."""
+    return _C.build_info()
+
+
+def probe(device: int = 0) -> dict:
+    """What `backend="auto"` picks here and why: `backend`, `reason`, `device_name`, `device_count`."""
+    return _C.probe(device)
+
+
+class HostBuffer:
+    """`nbytes` of host memory known to the engine: pinned (CUDA) or page-aligned (host backend).
+
+    `view(dtype, offset, numel)` returns a CPU tensor aliasing the buffer; it is valid until the
+    buffer is freed. Registered torch memory keeps its tensor referenced here.
+    """
+
+    def __init__(self, engine: "TransferEngine", ptr: int, nbytes: int, owner: Optional[torch.Tensor]):
+        self._engine = engine
+        self.ptr = ptr
+        self.nbytes = nbytes
+        self._owner = owner  # the registered torch tensor, or None when the engine allocated it
+        self._freed = False
+
+    @property
+    def registered(self) -> bool:
+        return self._owner is not None
+
+    def view(self, dtype: torch.dtype = torch.uint8, offset: int = 0, numel: Optional[int] = None) -> torch.Tensor:
+        """A 1-D CPU tensor of `dtype` over bytes [offset, offset + numel * itemsize)."""
+        if self._freed:
+            raise ValueError("host buffer was freed")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if offset % itemsize:
+            raise ValueError(f"offset {offset} is not a multiple of {dtype}'s size {itemsize}")
+        if numel is None:
+            numel = (self.nbytes - offset) // itemsize
+        nbytes = numel * itemsize
+        if offset < 0 or numel <= 0 or offset + nbytes > self.nbytes:
+            raise ValueError(f"view [{offset}, +{nbytes}) lies outside the host buffer of {self.nbytes} bytes")
+        mv = self._engine._engine.host_view(self.ptr + offset, nbytes)
+        return torch.frombuffer(mv, dtype=dtype, count=numel)
+
+    def free(self) -> None:
+        """Release the memory (waits for transfers in flight that touch it). Idempotent."""
+        if self._freed or self._engine.closed:
+            self._freed = True
+            return
+        if self._owner is None:
+            self._engine._engine.free_host(self.ptr)
+        else:
+            self._engine._engine.unregister_host(self.ptr)
+            self._owner = None
+        self._freed = True
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class TransferEngine:
+    """Moves tensors between host buffers and `device` memory on the engine's own streams.
+
+    device: the device-side memory's device. A CUDA device takes the CUDA backend; "cpu" takes the
+        host backend (worker threads standing in for streams, same ordering rules).
+    backend: "auto" (from `device`), "cuda" or "host"; an unusable "cuda" raises EngineError.
+    chunk_bytes: transfers are cut into chunks of this size (default 8 MiB).
+    """
+
+    def __init__(self, device="cpu", backend: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        device = torch.device(device)
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            device = torch.device("cuda", index)
+            if backend == "auto":
+                backend = "cuda"
+            if backend != "cuda":
+                raise ValueError(f"device {device} needs backend 'cuda', got {backend!r}")
+        elif device.type == "cpu":
+            index = 0
+            if backend == "auto":
+                backend = "host"
+            if backend != "host":
+                raise ValueError(f"device 'cpu' needs backend 'host', got {backend!r}")
+        else:
+            raise ValueError(f"unsupported device {device}: expected 'cpu' or 'cuda'")
+        self.device = device
+        self._engine = _C.Engine(backend, index, chunk_bytes)
+        self._keepalive: dict[int, tuple] = {}
+        self._keepalive_lock = threading.Lock()  # Python threads may share one engine
+        if self._engine.backend == "cuda":
+            # The engine's streams, made visible to torch so that `record_stream` works on them.
+            h2d, d2h = self._engine.streams()
+            self.h2d_stream = torch.cuda.ExternalStream(h2d, device=device)
+            self.d2h_stream = torch.cuda.ExternalStream(d2h, device=device)
+        else:
+            self.h2d_stream = self.d2h_stream = None
+
+    # -- facts ------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self._engine.backend
+
+    @property
+    def reason(self) -> str:
+        return self._engine.reason
+
+    @property
+    def closed(self) -> bool:
+        return self._engine.closed
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self._engine.chunk_bytes
+
+    def info(self) -> dict:
+        """Backend, why it was chosen, device name, how the module was built."""
+        return {
+            "backend": self.backend,
+            "reason": self.reason,
+            "device": str(self.device),
+            "device_name": self._engine.device_name or None,
+            "chunk_bytes": self.chunk_bytes,
+            **build_info(),
+        }
+
+    # -- host memory ------------------------------------------------------------------------
+    def alloc_host(self, nbytes: int) -> HostBuffer:
+        """Host memory owned by the engine (pinned with cudaHostAlloc under CUDA)."""
+        return HostBuffer(self, self._engine.alloc_host(int(nbytes)), int(nbytes), None)
+
+    def register_host(self, tensor: torch.Tensor) -> HostBuffer:
+        """Make a contiguous CPU tensor usable as a host buffer (cudaHostRegister under CUDA)."""
+        if tensor.device.type != "cpu":
+            raise ValueError(f"register_host needs a CPU tensor, got one on {tensor.device}")
+        if not tensor.is_contiguous():
+            raise ValueError("register_host needs a contiguous tensor")
+        self._engine.register_host(tensor.data_ptr(), _nbytes(tensor))
+        return HostBuffer(self, tensor.data_ptr(), _nbytes(tensor), tensor)
+
+    # -- transfers --------------------------------------------------------------------------
+    def _check_device_side(self, t: torch.Tensor, what: str) -> None:
+        if t.device != self.device:
+            raise ValueError(f"{what} must be on {self.device}, got a tensor on {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{what} must be contiguous")
+
+    @staticmethod
+    def _check_host_side(t: torch.Tensor, what: str) -> None:
+        if t.device.type != "cpu":
+            raise ValueError(f"{what} must be a CPU tensor in a host buffer, got one on {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{what} must be contiguous")
+
+    @staticmethod
+    def _same_size(a: torch.Tensor, b: torch.Tensor, what: str) -> int:
+        n = _nbytes(a)
+        if n != _nbytes(b):
+            raise ValueError(f"{what}: sizes differ ({n} vs {_nbytes(b)} bytes)")
+        return n
+
+    def _after_stream(self) -> Optional[int]:
+        # Device reads and writes follow the compute queued so far on the current stream.
+        if self.device.type == "cuda":
+            return torch.cuda.current_stream(self.device).cuda_stream
+        return None
+
+    def _track(self, ticket: int, device_tensors: tuple, stream) -> int:
+        if self.device.type == "cuda":
+            # The caching allocator must not reuse these blocks before the copy stream is done
+            # with them, even if the caller drops its last reference right now.
+            for t in device_tensors:
+                t.record_stream(stream)
+        else:
+            # Host backend: worker threads read and write these CPU tensors; keep them alive
+            # until the ticket is done.
+            with self._keepalive_lock:
+                self._keepalive[ticket] = device_tensors
+            self._prune()
+        return ticket
+
+    def _prune(self) -> None:
+        with self._keepalive_lock:
+            for ticket in [t for t in self._keepalive if self._engine.query(t)]:
+                del self._keepalive[ticket]
+
+    def h2d(self, dst: torch.Tensor, src: torch.Tensor, deps: Iterable[int] = (), chunk_bytes: int = 0) -> int:
+        """Copy host tensor `src` into device tensor `dst`; returns a ticket."""
+        self._check_device_side(dst, "h2d dst")
+        self._check_host_side(src, "h2d src")
+        n = self._same_size(dst, src, "h2d")
+        ticket = self._engine.h2d(dst.data_ptr(), src.data_ptr(), n, list(deps), self._after_stream(), chunk_bytes)
+        return self._track(ticket, (dst,), self.h2d_stream)
+
+    def d2h(self, dst: torch.Tensor, src: torch.Tensor, deps: Iterable[int] = (), chunk_bytes: int = 0) -> int:
+        """Copy device tensor `src` into host tensor `dst` once the current stream's work is done."""
+        self._check_device_side(src, "d2h src")
+        self._check_host_side(dst, "d2h dst")
+        n = self._same_size(dst, src, "d2h")
+        ticket = self._engine.d2h(dst.data_ptr(), src.data_ptr(), n, list(deps), self._after_stream(), chunk_bytes)
+        return self._track(ticket, (src,), self.d2h_stream)
+
+    def swap(self, slot: torch.Tensor, evict_to: torch.Tensor, fill_from: torch.Tensor,
+             deps: Iterable[int] = (), chunk_bytes: int = 0) -> int:
+        """Evict `slot` into `evict_to` and fill it from `fill_from`, pipelined chunk by chunk.
+
+        Both directions run at once; once the ticket is done `evict_to` holds the slot's old bytes
+        and the slot holds `fill_from`'s, never a mixture.
+        """
+        self._check_device_side(slot, "swap slot")
+        self._check_host_side(evict_to, "swap evict_to")
+        self._check_host_side(fill_from, "swap fill_from")
+        n = self._same_size(slot, evict_to, "swap slot/evict_to")
+        self._same_size(slot, fill_from, "swap slot/fill_from")
+        ticket = self._engine.swap(slot.data_ptr(), evict_to.data_ptr(), fill_from.data_ptr(), n,
+                                   list(deps), self._after_stream(), chunk_bytes)
+        if self.device.type == "cuda":
+            slot.record_stream(self.d2h_stream)  # read by the eviction
+        return self._track(ticket, (slot,), self.h2d_stream)
+
+    # -- waiting ----------------------------------------------------------------------------
+    def wait(self, ticket: int, stream=None) -> None:
+        """Block the host until `ticket` is done, or, given a torch stream, make that stream wait
+        for it device-side (the host returns at once). On the host backend both block."""
+        if stream is None:
+            self._engine.wait(ticket)
+            self._prune()
+        elif self.device.type == "cuda":
+            self._engine.wait_stream(ticket, stream.cuda_stream)
+        else:
+            self._engine.wait_stream(ticket, 0)
+            self._prune()
+
+    def query(self, ticket: int) -> bool:
+        """True once `ticket` is done; never blocks."""
+        return self._engine.query(ticket)
+
+    def wait_tensor(self, t: torch.Tensor) -> None:
+        """Block until no transfer in flight touches `t`'s bytes (e.g. before reading a host
+        buffer on the host)."""
+        self._engine.wait_range(t.data_ptr(), _nbytes(t))
+
+    def synchronize(self) -> None:
+        """Block until every transfer issued so far is done."""
+        self._engine.synchronize()
+        self._prune()
+
+    def in_flight(self) -> int:
+        return self._engine.in_flight()
+
+    def counters(self) -> dict:
+        """Per direction (`h2d`, `d2h`): bytes moved, busy seconds, transfers, and GB/s while busy,
+        for the transfers done so far."""
+        c = self._engine.counters()
+        for d in c.values():
+            d["gb_per_s"] = d["bytes"] / d["busy_seconds"] / 1e9 if d["busy_seconds"] > 0 else 0.0
+        return c
+
+    def reset_counters(self) -> None:
+        self._engine.reset_counters()
+
+    def close(self) -> None:
+        """Wait for everything in flight, free the engine's host buffers and streams. Idempotent."""
+        self._engine.close()
+        with self._keepalive_lock:
+            self._keepalive.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

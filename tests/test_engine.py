@@ -1,0 +1,384 @@
+"""The transfer engine (hift_rt._C through hift_rt.engine), on the host backend in CI and on the
+CUDA backend where a GPU is present (marker `cuda`).
+
+Every check compares bytes against a sequential model of the same transfers: ordering comes only
+from tickets and the engine's own hazard tracking, never from sleeps.
+"""
+import os
+import random
+
+import pytest
+import torch
+
+from hift_rt import _C
+from hift_rt.engine import EngineError, TransferEngine, build_info, probe
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def random_bytes(n, gen):
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
+
+
+def to_cpu(t):
+    return t.cpu() if t.device.type == "cuda" else t.clone()
+
+
+@pytest.fixture(params=DEVICES)
+def engine(request):
+    e = TransferEngine(request.param)
+    yield e
+    e.close()
+
+
+def test_build_reports_cuda_backend_compiled_and_why_host_is_active():
+    info = build_info()
+    toolkit = any(os.path.exists(os.path.join(d, "include", "cuda_runtime.h"))
+                  for d in (os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"))
+    if toolkit:
+        assert info["cuda_compiled"] is True
+        assert info["cuda_runtime_version"] >= 11000
+    p = probe()
+    if torch.cuda.is_available():
+        assert p["backend"] == "cuda" and p["device_name"]
+    else:
+        assert p["backend"] == "host"
+        assert p["reason"].startswith("cuda: no device:") or p["reason"].startswith("built without CUDA")
+        assert p["device_name"] is None
+        raw = _C.Engine("auto")
+        assert raw.backend == "host" and raw.reason == p["reason"]
+        raw.close()
+
+
+def test_info_names_backend_reason_and_build():
+    with TransferEngine("cpu") as e:
+        info = e.info()
+    assert info["backend"] == "host"
+    assert info["reason"] == "host backend requested"
+    assert "cuda_compiled" in info and info["chunk_bytes"] == _C.DEFAULT_CHUNK_BYTES
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_interleaved_transfers_match_sequential_model(engine, seed):
+    """Hundreds of h2d / d2h / swap ops with random sizes, offsets and chunk sizes over several
+    slots and host buffers; the engine may run them in any order its tickets allow, the bytes
+    must equal what running them one by one gives."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    n_slots, slot_bytes, n_host, host_bytes = 4, 96 * 1024 + 13, 5, 160 * 1024 + 7
+    slots = [random_bytes(slot_bytes, gen).to(engine.device) for _ in range(n_slots)]
+    hosts = [engine.alloc_host(host_bytes) for _ in range(n_host)]
+    host_views = [h.view() for h in hosts]
+    for v in host_views:
+        v.copy_(random_bytes(host_bytes, gen))
+    model_slots = [to_cpu(s) for s in slots]
+    model_hosts = [v.clone() for v in host_views]
+    tickets = []
+    for i in range(400):
+        kind = rng.choice(["h2d", "d2h", "swap"])
+        s = rng.randrange(n_slots)
+        size = rng.choice([1, 7, 4096, rng.randrange(1, 40 * 1024)])
+        chunk = rng.choice([0, 1, 512, 1000, 8192])
+        so = rng.randrange(0, slot_bytes - size + 1)
+        h = rng.randrange(n_host)
+        ho = rng.randrange(0, host_bytes - size + 1)
+        dev = slots[s][so:so + size]
+        if kind == "h2d":
+            tickets.append(engine.h2d(dev, host_views[h][ho:ho + size], chunk_bytes=chunk))
+            model_slots[s][so:so + size] = model_hosts[h][ho:ho + size]
+        elif kind == "d2h":
+            tickets.append(engine.d2h(host_views[h][ho:ho + size], dev, chunk_bytes=chunk))
+            model_hosts[h][ho:ho + size] = model_slots[s][so:so + size]
+        else:
+            h2 = (h + 1 + rng.randrange(n_host - 1)) % n_host
+            fo = rng.randrange(0, host_bytes - size + 1)
+            tickets.append(engine.swap(dev, host_views[h][ho:ho + size], host_views[h2][fo:fo + size],
+                                       chunk_bytes=chunk))
+            old = model_slots[s][so:so + size].clone()
+            model_slots[s][so:so + size] = model_hosts[h2][fo:fo + size]
+            model_hosts[h][ho:ho + size] = old
+        if i % 50 == 49:
+            # Mid-run check: once nothing in flight touches a range, it must hold the model's bytes.
+            h = rng.randrange(n_host)
+            engine.wait_tensor(host_views[h])
+            assert torch.equal(host_views[h], model_hosts[h]), f"host buffer {h} after op {i}"
+            t = rng.choice(tickets)
+            engine.wait(t)
+            assert engine.query(t)
+    engine.synchronize()
+    assert engine.in_flight() == 0
+    for s in range(n_slots):
+        assert torch.equal(to_cpu(slots[s]), model_slots[s]), f"slot {s}"
+    for h in range(n_host):
+        assert torch.equal(host_views[h], model_hosts[h]), f"host buffer {h}"
+    assert all(engine.query(t) for t in tickets)
+
+
+@pytest.mark.parametrize("nbytes,chunk", [(1, 0), (4097, 1024), (3 * 1024 * 1024 + 5, 4096), (1 << 20, 1 << 20)])
+def test_swap_evicts_old_and_fills_new_without_mixture(engine, nbytes, chunk):
+    gen = torch.Generator().manual_seed(nbytes)
+    old, new = random_bytes(nbytes, gen), random_bytes(nbytes, gen)
+    slot = old.clone().to(engine.device)
+    evict, fill = engine.alloc_host(nbytes), engine.alloc_host(nbytes)
+    fill.view().copy_(new)
+    t = engine.swap(slot, evict.view(), fill.view(), chunk_bytes=chunk)
+    engine.wait(t)
+    assert torch.equal(to_cpu(slot), new)
+    assert torch.equal(evict.view(), old)
+    assert torch.equal(fill.view(), new)
+
+
+def test_explicit_deps_order_unrelated_transfers(engine):
+    gen = torch.Generator().manual_seed(3)
+    a_host, b_host = engine.alloc_host(1 << 22), engine.alloc_host(1024)
+    a_host.view().copy_(random_bytes(1 << 22, gen))
+    a_dev = torch.empty(1 << 22, dtype=torch.uint8, device=engine.device)
+    b_dev = torch.empty(1024, dtype=torch.uint8, device=engine.device)
+    ta = engine.h2d(a_dev, a_host.view(), chunk_bytes=4096)
+    tb = engine.d2h(b_host.view(), b_dev, deps=[ta])
+    engine.wait(tb)
+    assert engine.query(ta), "a transfer finished before the ticket it depends on"
+
+
+def test_stream_wait_orders_compute_after_transfer(engine):
+    """wait(ticket, stream): work queued afterwards on the stream sees the transferred bytes."""
+    n = 1 << 20
+    host = engine.alloc_host(n * 4)
+    host.view(torch.float32).copy_(torch.arange(n, dtype=torch.float32))
+    dev = torch.zeros(n, device=engine.device)
+    t = engine.h2d(dev, host.view(torch.float32), chunk_bytes=64 * 1024)
+    stream = torch.cuda.current_stream() if dev.is_cuda else object()
+    engine.wait(t, stream)
+    total = (dev * 1).sum()  # queued after the wait
+    assert total.item() == float(n * (n - 1) // 2)
+
+
+def test_free_waits_for_transfer_reading_the_buffer(engine):
+    """A host buffer freed while a transfer reads it: free blocks until the transfer is done,
+    so the destination holds the full data; the freed buffer is unusable afterwards."""
+    n = 16 << 20
+    gen = torch.Generator().manual_seed(4)
+    data = random_bytes(n, gen)
+    src = engine.alloc_host(n)
+    src.view().copy_(data)
+    dst = torch.empty(n, dtype=torch.uint8, device=engine.device)
+    src_view = src.view()
+    engine.h2d(dst, src_view, chunk_bytes=4096)
+    src.free()
+    assert torch.equal(to_cpu(dst), data)
+    with pytest.raises(ValueError, match="not in a host buffer"):
+        engine.h2d(dst[:16], src_view[:16])
+    with pytest.raises(ValueError, match="freed"):
+        src.view()
+    src.free()  # idempotent
+
+
+def test_reused_buffer_is_written_only_after_readers_finish(engine):
+    """Write-after-read on the same host bytes: the d2h into a buffer waits for the h2d that
+    reads it, so the h2d carries the old bytes."""
+    n = 8 << 20
+    gen = torch.Generator().manual_seed(5)
+    first, second = random_bytes(n, gen), random_bytes(n, gen)
+    host = engine.alloc_host(n)
+    host.view().copy_(first)
+    a = torch.empty(n, dtype=torch.uint8, device=engine.device)
+    b = second.to(engine.device)
+    engine.h2d(a, host.view(), chunk_bytes=4096)
+    engine.d2h(host.view(), b, chunk_bytes=1 << 20)
+    engine.synchronize()
+    assert torch.equal(to_cpu(a), first)
+    assert torch.equal(host.view(), second)
+
+
+def test_close_waits_for_in_flight_and_then_refuses(engine):
+    n = 16 << 20
+    gen = torch.Generator().manual_seed(6)
+    data = random_bytes(n, gen)
+    host = engine.alloc_host(n)
+    host.view().copy_(data)
+    dst = torch.empty(n, dtype=torch.uint8, device=engine.device)
+    t = engine.h2d(dst, host.view(), chunk_bytes=4096)
+    engine.close()
+    assert engine.closed
+    assert torch.equal(to_cpu(dst), data)
+    for call in (lambda: engine.query(t), lambda: engine.wait(t), lambda: engine.alloc_host(8),
+                 lambda: engine.counters(), lambda: engine.synchronize()):
+        with pytest.raises(EngineError, match="closed"):
+            call()
+    engine.close()  # idempotent
+    host.free()  # no-op after close: the engine already released it
+
+
+def test_counters_report_bytes_and_busy_time(engine):
+    n = 4 << 20
+    host_a, host_b = engine.alloc_host(n), engine.alloc_host(n)
+    dev = torch.zeros(n, dtype=torch.uint8, device=engine.device)
+    engine.reset_counters()
+    engine.h2d(dev, host_a.view())
+    engine.d2h(host_b.view(), dev)
+    engine.swap(dev, host_b.view(), host_a.view(), chunk_bytes=1 << 20)
+    engine.synchronize()
+    c = engine.counters()
+    assert c["h2d"]["bytes"] == 2 * n and c["d2h"]["bytes"] == 2 * n
+    assert c["h2d"]["transfers"] == 2 and c["d2h"]["transfers"] == 2
+    assert c["h2d"]["busy_seconds"] > 0 and c["d2h"]["busy_seconds"] > 0
+    assert c["h2d"]["gb_per_s"] > 0
+    engine.reset_counters()
+    assert engine.counters()["h2d"]["bytes"] == 0
+
+
+def test_registered_torch_memory_is_a_host_buffer(engine):
+    gen = torch.Generator().manual_seed(7)
+    cpu = random_bytes(10000, gen)
+    buf = engine.register_host(cpu)
+    dev = torch.zeros(10000, dtype=torch.uint8, device=engine.device)
+    engine.wait(engine.h2d(dev, cpu))
+    assert torch.equal(to_cpu(dev), cpu)
+    assert torch.equal(buf.view(), cpu)
+    buf.free()
+    with pytest.raises(ValueError, match="not in a host buffer"):
+        engine.h2d(dev, cpu)
+
+
+def test_python_threads_share_one_engine():
+    """Several Python threads submitting and waiting at once (the GIL is released inside)."""
+    import threading
+
+    errors = []
+    with TransferEngine("cpu") as e:
+        def work(seed):
+            try:
+                gen = torch.Generator().manual_seed(seed)
+                data = random_bytes(1 << 20, gen)
+                host = e.alloc_host(1 << 20)
+                host.view().copy_(data)
+                dev = torch.empty(1 << 20, dtype=torch.uint8)
+                for _ in range(20):
+                    e.wait(e.h2d(dev, host.view(), chunk_bytes=1 << 16))
+                    e.wait(e.d2h(host.view(), dev, chunk_bytes=1 << 16))
+                assert torch.equal(host.view(), data)
+                host.free()
+            except Exception as exc:  # reported below: assertion errors in threads are lost otherwise
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+def test_raw_engine_argument_errors():
+    e = _C.Engine("host")
+    h = e.alloc_host(1024)
+    dev = torch.zeros(1024, dtype=torch.uint8)
+    p = dev.data_ptr()
+    with pytest.raises(ValueError, match="null pointer"):
+        e.h2d(p, 0, 16)
+    with pytest.raises(ValueError, match="null pointer"):
+        e.h2d(0, h, 16)
+    with pytest.raises(ValueError, match="0 bytes"):
+        e.h2d(p, h, 0)
+    with pytest.raises(ValueError, match="beyond its host buffer"):
+        e.h2d(p, h + 1000, 25)
+    with pytest.raises(ValueError, match="beyond its host buffer"):
+        e.d2h(h, p, 1025)
+    with pytest.raises(ValueError, match="not in a host buffer"):
+        e.h2d(p, p, 16)
+    with pytest.raises(ValueError, match="unknown ticket 0"):
+        e.wait(0)
+    with pytest.raises(ValueError, match="unknown ticket 99"):
+        e.query(99)
+    t = e.h2d(p, h, 16)
+    with pytest.raises(ValueError, match="unknown ticket"):
+        e.h2d(p, h, 16, deps=[t + 5])
+    with pytest.raises(ValueError, match="overlap"):
+        e.swap(p, h, h + 8, 16)
+    with pytest.raises(ValueError, match="not a host buffer allocated by this engine"):
+        e.free_host(h + 8)
+    with pytest.raises(ValueError, match="overlaps a host buffer"):
+        e.register_host(h + 8, 16)
+    with pytest.raises(ValueError, match="not memory registered"):
+        e.unregister_host(h)
+    with pytest.raises(ValueError, match="0 bytes"):
+        e.alloc_host(0)
+    e.free_host(h)
+    with pytest.raises(ValueError, match="not a host buffer allocated by this engine"):
+        e.free_host(h)
+    e.close()
+    with pytest.raises(EngineError, match="closed"):
+        e.h2d(p, h, 16)
+    assert issubclass(EngineError, RuntimeError)
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="backend must be"):
+        _C.Engine("tpu")
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        _C.Engine("host", 0, 0)
+    with pytest.raises(ValueError, match="device must be"):
+        _C.Engine("host", -1)
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineError, match="backend 'cuda' requested but unusable: cuda: no device"):
+            _C.Engine("cuda")
+    with pytest.raises(ValueError, match="needs backend 'host'"):
+        TransferEngine("cpu", backend="cuda")
+    with pytest.raises(ValueError, match="unsupported device"):
+        TransferEngine("meta")
+
+
+def test_tensor_level_errors():
+    with TransferEngine("cpu") as e:
+        h = e.alloc_host(64)
+        dev = torch.zeros(64, dtype=torch.uint8)
+        with pytest.raises(ValueError, match="sizes differ"):
+            e.h2d(dev[:32], h.view())
+        with pytest.raises(ValueError, match="contiguous"):
+            e.h2d(torch.zeros(8, 8, dtype=torch.uint8).t(), h.view().view(8, 8))
+        with pytest.raises(ValueError, match="contiguous"):
+            e.register_host(torch.zeros(8, 8).t())
+        with pytest.raises(ValueError, match="outside the host buffer"):
+            h.view(torch.float32, 0, 17)
+        with pytest.raises(ValueError, match="not a multiple"):
+            h.view(torch.float32, 2)
+        with pytest.raises(ValueError, match="must be on cpu"):
+            e.h2d(torch.zeros(64, dtype=torch.uint8, device="meta"), h.view())
+
+
+@pytest.mark.cuda
+def test_cuda_engine_reports_device_and_streams():
+    with TransferEngine("cuda") as e:
+        assert e.backend == "cuda"
+        assert e.info()["device_name"] == torch.cuda.get_device_name()
+        assert isinstance(e.h2d_stream, torch.cuda.ExternalStream)
+        assert e.h2d_stream.cuda_stream != e.d2h_stream.cuda_stream
+
+
+@pytest.mark.cuda
+def test_cuda_rejects_host_pointer_as_device_side():
+    with TransferEngine("cuda") as e:
+        h = e.alloc_host(64)
+        with pytest.raises(ValueError, match="must be on cuda"):
+            e.h2d(torch.zeros(64, dtype=torch.uint8), h.view())
+        with pytest.raises(ValueError, match="not device memory"):
+            e._engine.h2d(h.ptr, h.ptr, 64)
+
+
+@pytest.mark.cuda
+def test_cuda_device_slot_freed_early_is_not_reused_under_the_copy():
+    """record_stream: a slot dropped right after its transfer is issued keeps its memory until
+    the copy stream is done with it; a new allocation cannot clobber the transfer."""
+    with TransferEngine("cuda") as e:
+        n = 64 << 20
+        host = e.alloc_host(n)
+        host.view().fill_(7)
+        slot = torch.zeros(n, dtype=torch.uint8, device="cuda")
+        t = e.d2h(host.view(), slot, chunk_bytes=1 << 20)
+        del slot
+        other = torch.full((n,), 9, dtype=torch.uint8, device="cuda")
+        e.wait(t)
+        assert int(host.view().max()) == 0
+        del other
