@@ -1,1 +1,12 @@
-"""hift_rt: hierarchical full-parameter fine-tuning runtime."""
+"""hift_rt: hierarchical full-parameter fine-tuning (HiFT) as a CUDA-aware memory runtime.
+
+    opt = hift_rt.wrap(model, optim="adamw", lr=1e-5)
+
+returns a torch.optim.Optimizer that updates one depth-group of the model per step, keeps the
+other groups' optimizer state in pinned host memory, and streams it in and out behind compute.
+Nothing here touches CUDA at import time.
+"""
+from .optimizer import HiFTOptimizer, wrap
+
+__version__ = "0.1.0"
+__all__ = ["wrap", "HiFTOptimizer", "__version__"]

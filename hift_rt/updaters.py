@@ -1,0 +1,322 @@
+"""The two ways a group is updated.
+
+FusedUpdater: hift_rt's own kernels over the group's flat buffers; the state of every group is one
+fp32 blob in a StateStore (device slot + pinned host buffers when offloaded).
+
+TorchClassUpdater: any torch.optim.Optimizer subclass, one instance per group over the group's
+flat tensor (split in two parameters when some elements get no weight decay; fp32 master copies
+for bf16/fp16 models). Its state tensors, created by the optimizer itself, and the masters are
+moved to and from pinned host memory tensor by tensor through the transfer engine.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .families import initial_state_value
+from .state_store import StateStore
+
+
+class FusedUpdater:
+    def __init__(self, opt):
+        self.opt = opt
+        self.family = opt.family
+        self.state_names = self.family.state_names(opt.defaults)
+        self.n_buffers = len(self.state_names) + (1 if opt.master_weights else 0)
+        self.store = StateStore([g.numel * self.n_buffers for g in opt.groups], opt.device, opt.engine)
+        for g in opt.groups:
+            self.store.write(g.index, self._initial_blob(g))
+        if self.store.offloaded:
+            self.store.load(opt.active_group)
+
+    def _initial_blob(self, g) -> torch.Tensor:
+        """State before the first update: zeros (Adagrad: its initial accumulator), and the master
+        as the fp32 value of the weights."""
+        n = g.numel
+        blob = torch.empty(n * self.n_buffers, dtype=torch.float32, device=g.flat.device)
+        for k, name in enumerate(self.state_names):
+            blob[k * n:(k + 1) * n].fill_(initial_state_value(name, self.opt.defaults))
+        if self.opt.master_weights:
+            blob[len(self.state_names) * n:].copy_(g.flat)
+        return blob
+
+    def _split(self, blob: torch.Tensor, n: int):
+        state = {name: blob[k * n:(k + 1) * n] for k, name in enumerate(self.state_names)}
+        master = blob[len(self.state_names) * n:(len(self.state_names) + 1) * n] if self.opt.master_weights else None
+        return state, master
+
+    def update(self, g, grad, *, step, lr, options, clip_coef):
+        if self.store.offloaded:
+            self.store.make_ready(g.index)
+        state, master = self._split(self.store.view(g.index), g.numel)
+        self.family.update(g.flat, grad, state, step=step, lr=lr, options=options,
+                           decay_end=g.decay_end, master=master, clip_coef=clip_coef)
+
+    def switch(self, g: int, h: int) -> None:
+        if self.store.offloaded:
+            self.store.switch(g, h)
+
+    def memory(self) -> dict:
+        return {"state_device": self.store.device_bytes(), "state_host": self.store.host_bytes()}
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def per_param_state(self) -> Dict[int, dict]:
+        out = {}
+        for g in self.opt.groups:
+            steps = self.opt._steps[g.index]
+            if steps == 0:
+                continue
+            state, master = self._split(self.store.read(g.index), g.numel)
+            for (_, p), off in zip(g.params, g.offsets):
+                entry = {}
+                if self.family.has_step:
+                    entry["step"] = torch.tensor(float(steps))
+                for name, buf in state.items():
+                    entry[name] = buf[off:off + p.numel()].view(p.shape)
+                if master is not None:
+                    entry["master"] = master[off:off + p.numel()].view(p.shape)
+                if entry:  # plain SGD in fp32 keeps nothing, as in torch
+                    out[self.opt._index[id(p)]] = entry
+        return out
+
+    def load_per_param_state(self, state: dict, hift: Optional[dict]) -> None:
+        for g in self.opt.groups:
+            indices = [self.opt._index[id(p)] for _, p in g.params]
+            present = [i in state for i in indices]
+            blob = self._initial_blob(g)
+            if any(present):
+                if not all(present):
+                    raise ValueError(f"state dict has state for some but not all parameters of group {g.index} ({g.name})")
+                bufs, master = self._split(blob, g.numel)
+                for (name, p), off, i in zip(g.params, g.offsets, indices):
+                    entry = state[i]
+                    for key, buf in bufs.items():
+                        if key not in entry:
+                            raise ValueError(f"state of parameter '{name}' has no '{key}'")
+                        buf[off:off + p.numel()].copy_(entry[key].reshape(-1))
+                    if master is not None and "master" in entry:
+                        master[off:off + p.numel()].copy_(entry["master"].reshape(-1))
+            self.store.write(g.index, blob)
+
+    def steps_from_state(self, state: dict) -> List[int]:
+        steps = []
+        for g in self.opt.groups:
+            entry = state.get(self.opt._index[id(g.params[0][1])])
+            if entry is None:
+                steps.append(0)
+            elif "step" in entry:
+                steps.append(int(float(entry["step"])))
+            else:
+                steps.append(1)  # SGD keeps no step; a momentum buffer means it has stepped
+        return steps
+
+    def after_load(self, active: int) -> None:
+        if self.store.offloaded:
+            self.store.load(active)
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        self.store.close()
+
+
+Item = Tuple[object, Optional[str]]  # (Parameter, None) or (state dict, key)
+
+
+class TorchClassUpdater:
+    def __init__(self, opt, options: dict):
+        self.opt = opt
+        self.device = opt.device
+        self.engine = opt.engine
+        self.inner: List[torch.optim.Optimizer] = []
+        self.params: List[List[nn.Parameter]] = []
+        self.ranges: List[List[Tuple[int, int]]] = []
+        self.no_decay_group: List[Optional[int]] = []
+        self._hosts: Dict[int, object] = {}     # group -> HostBuffer holding its evicted tensors
+        self._pending: Dict[int, List[int]] = {}
+        for g in opt.groups:
+            ranges = [(0, g.decay_end), (g.decay_end, g.numel)] if opt.no_decay else [(0, g.numel)]
+            ranges = [r for r in ranges if r[1] > r[0]]
+            params = []
+            for lo, hi in ranges:
+                data = g.flat[lo:hi].float() if opt.master_weights else g.flat[lo:hi]
+                params.append(nn.Parameter(data))
+            specs = [{"params": [p]} for p in params]
+            try:
+                inner = opt.torch_class(specs, lr=opt.defaults["lr"], **options)
+            except TypeError as exc:
+                raise ValueError(f"optim={opt.optim_name}: {exc}") from exc
+            nd = None
+            if opt.no_decay and g.decay_end < g.numel:
+                if "weight_decay" not in inner.defaults:
+                    raise ValueError(f"no_decay needs an optimizer with a weight_decay option; {opt.optim_name} has none")
+                nd = len(ranges) - 1
+                inner.param_groups[nd]["weight_decay"] = 0.0
+            self.inner.append(inner)
+            self.params.append(params)
+            self.ranges.append(ranges)
+            self.no_decay_group.append(nd)
+            if self.engine is not None and g.index != opt.active_group:
+                self._place(g.index, on_device=False)
+        if self.engine is not None:
+            self.engine.synchronize()
+
+    # -- residency ---------------------------------------------------------------------------
+    def _items(self, gi: int) -> List[Item]:
+        """The tensors that follow the group between device and host: fp32 masters and every
+        state tensor the optimizer keeps (scalars such as `step` stay where they are)."""
+        items: List[Item] = []
+        if self.opt.master_weights:
+            items += [(p, None) for p in self.params[gi]]
+        state = self.inner[gi].state
+        for p in self.params[gi]:
+            entries = state.get(p, {})
+            items += [(entries, key) for key, v in entries.items() if torch.is_tensor(v) and v.numel() > 1]
+        return items
+
+    @staticmethod
+    def _get(item: Item) -> torch.Tensor:
+        obj, key = item
+        return obj.data if key is None else obj[key]
+
+    @staticmethod
+    def _set(item: Item, t: torch.Tensor) -> None:
+        obj, key = item
+        if key is None:
+            obj.data = t  # the Parameter object stays: the optimizer's state is keyed by it
+        else:
+            obj[key] = t
+
+    def _host_buffer(self, gi: int, nbytes: int):
+        buf = self._hosts.get(gi)
+        if buf is None or buf.nbytes < nbytes:
+            if buf is not None:
+                buf.free()  # waits for transfers that still touch it
+            buf = self.engine.alloc_host(nbytes)
+            self._hosts[gi] = buf
+        return buf
+
+    def _place(self, gi: int, on_device: bool) -> None:
+        """Move group gi's tensors to the device (prefetch) or into its host buffer (evict),
+        through the engine when they come from or go to that buffer."""
+        items = self._items(gi)
+        if on_device:
+            tickets = []
+            for item in items:
+                t = self._get(item)
+                if self._in_host_buffer(gi, t):
+                    dev = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+                    tickets.append(self.engine.h2d(dev.view(-1), t.view(-1)))
+                    self._set(item, dev)
+                elif t.device != self.device:
+                    self._set(item, t.to(self.device))
+            self._pending[gi] = tickets
+            return
+        tensors = [self._get(it) for it in items]
+        if all(self._in_host_buffer(gi, t) for t in tensors):
+            return
+        sizes = [(t.numel() * t.element_size() + 63) // 64 * 64 for t in tensors]  # 64-byte aligned
+        host = self._host_buffer(gi, max(sum(sizes), 1))
+        offset = 0
+        for item, t, size in zip(items, tensors, sizes):
+            view = host.view(t.dtype, offset, t.numel())
+            if t.device == self.device:
+                self.engine.d2h(view, t.reshape(-1))  # after the update queued on the compute stream
+            else:
+                view.copy_(t.reshape(-1))
+            self._set(item, view.view(t.shape))
+            offset += size
+        self._pending.pop(gi, None)
+
+    def _in_host_buffer(self, gi: int, t: torch.Tensor) -> bool:
+        buf = self._hosts.get(gi)
+        return (buf is not None and t.device.type == "cpu"
+                and buf.ptr <= t.data_ptr() < buf.ptr + buf.nbytes)
+
+    def _make_ready(self, gi: int) -> None:
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        for ticket in self._pending.pop(gi, []):
+            self.engine.wait(ticket, stream)
+
+    # -- the step ----------------------------------------------------------------------------
+    def update(self, g, grad, *, step, lr, options, clip_coef):
+        gi = g.index
+        if self.engine is not None:
+            self._make_ready(gi)
+        if clip_coef is not None:
+            grad.mul_(clip_coef)  # the flat gradient is dropped after this step anyway
+        inner = self.inner[gi]
+        for p, (lo, hi) in zip(self.params[gi], self.ranges[gi]):
+            p.grad = grad[lo:hi].float() if self.opt.master_weights else grad[lo:hi]
+        for i, pg in enumerate(inner.param_groups):
+            pg["lr"] = lr
+            for key, value in options.items():
+                if key in pg and not (key == "weight_decay" and i == self.no_decay_group[gi]):
+                    pg[key] = value
+        inner.step()
+        for p, (lo, hi) in zip(self.params[gi], self.ranges[gi]):
+            if self.opt.master_weights:
+                g.flat[lo:hi].copy_(p.data)
+            p.grad = None
+
+    def switch(self, g: int, h: int) -> None:
+        if self.engine is not None:
+            self._place(g, on_device=False)
+            self._place(h, on_device=True)
+
+    def memory(self) -> dict:
+        on_device = sum(self._get(it).numel() * self._get(it).element_size()
+                        for gi in range(len(self.inner)) for it in self._items(gi)
+                        if self._get(it).device == self.device and self.device.type != "cpu")
+        return {"state_device": on_device, "state_host": sum(b.nbytes for b in self._hosts.values())}
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def per_param_state(self) -> dict:
+        return {}  # the per-group optimizers' own state dicts travel in extra_state()
+
+    @staticmethod
+    def _to_cpu(obj):
+        if torch.is_tensor(obj):
+            return obj.detach().to("cpu", copy=True)
+        if isinstance(obj, dict):
+            return {k: TorchClassUpdater._to_cpu(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(TorchClassUpdater._to_cpu(v) for v in obj)
+        return obj
+
+    def extra_state(self) -> dict:
+        if self.engine is not None:
+            self.engine.synchronize()  # evicted tensors are read on the host below
+        return {"inner": [self._to_cpu(o.state_dict()) for o in self.inner],
+                "masters": [[self._to_cpu(p.data) for p in ps] for ps in self.params] if self.opt.master_weights else None}
+
+    def load_per_param_state(self, state: dict, hift: Optional[dict]) -> None:
+        if hift is None:
+            raise ValueError(f"optim={self.opt.optim_name}: only a HiFTOptimizer state dict can be loaded")
+        extra = hift["updater"]
+        for gi, inner in enumerate(self.inner):
+            self._place(gi, on_device=True)
+            if self.engine is not None:
+                self.engine.synchronize()
+            inner.load_state_dict(extra["inner"][gi])
+            if self.opt.master_weights:
+                for p, saved in zip(self.params[gi], extra["masters"][gi]):
+                    p.data.copy_(saved)
+            if self.engine is not None:
+                self._place(gi, on_device=False)
+                self.engine.synchronize()
+
+    def steps_from_state(self, state: dict) -> List[int]:
+        raise AssertionError("unreachable: load_per_param_state refuses state dicts without 'hift'")
+
+    def after_load(self, active: int) -> None:
+        if self.engine is not None:
+            self._place(active, on_device=True)
+
+    def close(self) -> None:
+        for buf in self._hosts.values():
+            buf.free()
+        self._hosts = {}
