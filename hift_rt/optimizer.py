@@ -32,6 +32,7 @@ from .rotation import STRATEGIES, Rotation
 from .state_store import StateStore
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLAT_ALIGN = 64
 STATE_DICT_VERSION = 1
 
 
@@ -45,6 +46,7 @@ class FlatGroup:
     offsets: List[int]          # element offset of each parameter in `flat`
     decay_end: int              # elements [0, decay_end) get weight decay
     data_ptrs: List[int]        # each parameter's expected data_ptr (moved-model check)
+    owners: List[Tuple[nn.Module, str]]  # where the model holds each parameter (moved-model check)
 
     @property
     def numel(self) -> int:
@@ -59,11 +61,19 @@ def _split_decay(params, no_decay):
     return decay + rest, len(decay)
 
 
-def _rehome(group: grouping.Group, no_decay, device, dtype) -> FlatGroup:
+def _owner(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
+    module_name, _, key = name.rpartition(".")
+    return model.get_submodule(module_name), key
+
+
+def _rehome(model: nn.Module, group: grouping.Group, no_decay, device, dtype) -> FlatGroup:
     """Copy a group's parameters into one flat buffer and make each parameter a view of it."""
     params, n_decay = _split_decay(group.params, no_decay)
     numel = sum(p.numel() for _, p in params)
-    flat = torch.empty(numel, dtype=dtype, device=device)
+    # Padded to a multiple of FLAT_ALIGN elements so that every buffer sliced from a group's
+    # state blob starts 16-byte aligned: Triton then vectorizes to 128-bit loads and stores.
+    # The padding is zero and stays zero (no parameter covers it, its gradient is zero).
+    flat = torch.zeros(-(-numel // FLAT_ALIGN) * FLAT_ALIGN, dtype=dtype, device=device)
     offsets, offset, decay_end = [], 0, 0
     for i, (_, p) in enumerate(params):
         flat[offset:offset + p.numel()].copy_(p.detach().reshape(-1))
@@ -74,7 +84,8 @@ def _rehome(group: grouping.Group, no_decay, device, dtype) -> FlatGroup:
     with torch.no_grad():
         for (_, p), off in zip(params, offsets):
             p.data = flat[off:off + p.numel()].view(p.shape)
-    return FlatGroup(group.index, group.name, params, flat, offsets, decay_end, [p.data_ptr() for _, p in params])
+    return FlatGroup(group.index, group.name, params, flat, offsets, decay_end, [p.data_ptr() for _, p in params],
+                     [_owner(model, n) for n, _ in params])
 
 
 class HiFTOptimizer(torch.optim.Optimizer):
@@ -149,7 +160,12 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self.offload = bool(offload)
         self.strategy, self.lr_policy, self.max_grad_norm = strategy, lr_policy, max_grad_norm
 
-        self.groups: List[FlatGroup] = [_rehome(g, self.no_decay, device, dtype) for g in cut]
+        sparse = [n for n, m in model.named_modules()
+                  if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and m.weight.requires_grad]
+        if sparse:
+            raise ValueError(f"module(s) {sparse} have sparse=True; hift_rt needs dense gradients "
+                             "(build the embedding with sparse=False)")
+        self.groups: List[FlatGroup] = [_rehome(model, g, self.no_decay, device, dtype) for g in cut]
         self._grad_buffer = torch.zeros(max(g.numel for g in self.groups), dtype=dtype, device=device)
         self._grad_views: Dict[int, torch.Tensor] = {}  # id(param) -> its view, active group only
         self._grads_dirty = False
@@ -240,7 +256,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
         return grad
 
     def _check_not_moved(self, g: FlatGroup) -> None:
-        for (name, p), ptr in zip(g.params, g.data_ptrs):
+        for (name, p), ptr, (module, key) in zip(g.params, g.data_ptrs, g.owners):
+            held = module._parameters.get(key)
+            if held is not p:  # the model swapped in a new Parameter (e.g. .to() across device types)
+                p = held if held is not None else p
+                ptr = None
             if p.data_ptr() != ptr or p.device != self.device or p.dtype != self.dtype:
                 raise RuntimeError(
                     f"parameter '{name}' was moved or re-cast after hift_rt.wrap (now {p.device} {p.dtype}, "
