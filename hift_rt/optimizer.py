@@ -226,6 +226,15 @@ class HiFTOptimizer(torch.optim.Optimizer):
         return {"weights": weights, "gradients": self._grad_buffer.numel() * self.dtype.itemsize,
                 **self._updater.memory()}
 
+    def transfer_stats(self) -> dict:
+        """The engine's figures (bytes, busy seconds and GB/s per direction) and the exposed
+        transfer: seconds the compute stream waited for a prefetch. Empty without offload."""
+        if self.engine is None:
+            return {}
+        stats = self.engine.counters()
+        stats["exposed_wait_seconds"] = self._updater.exposed_wait_seconds()
+        return stats
+
     # -- gradients ---------------------------------------------------------------------------
     def _adopt_grad(self, p: torch.Tensor) -> None:
         """Post-accumulate-grad hook: a gradient that autograd did not accumulate into the flat

@@ -12,6 +12,8 @@ other (e.g. exp_avg | exp_avg_sq | master), each as long as the group's flat par
 """
 from __future__ import annotations
 
+import time
+from collections import deque
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -26,6 +28,11 @@ class StateStore:
         self.engine = engine
         self._pending: Dict[int, List[int]] = {}  # group -> tickets its slot contents wait on
         self._resident: Optional[int] = None  # the group whose blob is in the slot
+        # Exposed transfer: how long the compute stream sat waiting for a prefetch. On CUDA a
+        # timing event on each side of the wait (resolved later, never synchronizing); on the
+        # host backend the wall time of the blocking wait.
+        self._waits: deque = deque()
+        self._waited_seconds = 0.0
         if engine is None:
             self._blobs = [torch.zeros(n, dtype=torch.float32, device=device) for n in self.sizes]
             self._hosts: List[Optional[HostBuffer]] = []
@@ -63,9 +70,34 @@ class StateStore:
     def make_ready(self, g: int) -> None:
         """Order the current stream after g's arrival in the slot (device side; the host backend
         blocks instead)."""
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        for ticket in self._pending.pop(g, []):
-            self.engine.wait(ticket, stream)
+        tickets = self._pending.pop(g, [])
+        if not tickets:
+            return
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)
+            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            before.record(stream)
+            for ticket in tickets:
+                self.engine.wait(ticket, stream)
+            after.record(stream)
+            self._waits.append((before, after))
+            self._resolve_waits()
+        else:
+            start = time.perf_counter()
+            for ticket in tickets:
+                self.engine.wait(ticket)
+            self._waited_seconds += time.perf_counter() - start
+
+    def _resolve_waits(self) -> None:
+        while self._waits and self._waits[0][1].query():
+            before, after = self._waits.popleft()
+            self._waited_seconds += before.elapsed_time(after) / 1e3
+
+    def exposed_wait_seconds(self) -> float:
+        """Total time the compute stream waited for state to arrive, over the waits that have
+        completed so far (all of them after a device synchronize)."""
+        self._resolve_waits()
+        return self._waited_seconds
 
     def load(self, g: int) -> None:
         """Bring g's blob into the empty slot (at wrap and after load_state_dict)."""

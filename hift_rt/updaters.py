@@ -61,6 +61,9 @@ class FusedUpdater:
     def memory(self) -> dict:
         return {"state_device": self.store.device_bytes(), "state_host": self.store.host_bytes()}
 
+    def exposed_wait_seconds(self) -> float:
+        return self.store.exposed_wait_seconds()
+
     # -- checkpoints -------------------------------------------------------------------------
     def per_param_state(self) -> Dict[int, dict]:
         out = {}
@@ -240,6 +243,9 @@ class TorchClassUpdater:
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         for ticket in self._pending.pop(gi, []):
             self.engine.wait(ticket, stream)
+
+    def exposed_wait_seconds(self) -> float:
+        return float("nan")  # not measured on this path
 
     # -- the step ----------------------------------------------------------------------------
     def update(self, g, grad, *, step, lr, options, clip_coef):

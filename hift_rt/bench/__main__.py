@@ -10,6 +10,7 @@ import importlib
 SUBCOMMANDS = {
     "kernels": "hift_rt.bench.kernels",
     "engine": "hift_rt.bench.engine",
+    "finetune": "hift_rt.bench.finetune",
 }
 
 

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One GPU check, sized for a few minutes on an H100/H200 without internet: build in place, the
+# CUDA tests, the engine / kernel / fine-tuning benchmarks. Everything printed goes to log.txt;
+# figures to JSON files. Results land in the folder given as $1, else $OUT, else ./results.
+set -uo pipefail
+out="${1:-${OUT:-results}}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+log="$out/log.txt"
+status=0
+
+step() {
+  echo "== $* ($(date +%T))" | tee -a "$log"
+  "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then
+    echo "== failed with exit code $rc: $*" | tee -a "$log"
+    status=$rc
+  fi
+}
+
+step python -m pip install --no-build-isolation --no-deps -e .
+step nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+step python -m hift_rt info
+step python -m pytest -m cuda -q -rs
+step python -m hift_rt.bench engine --json "$out/engine.json"
+step python -m hift_rt.bench kernels --json "$out/kernels.json"
+step python -m hift_rt.bench finetune --preset 1b --json "$out/finetune_1b.json" --plot "$out/finetune_1b.png"
+step python -m hift_rt.bench finetune --preset 7b --methods hift-bf16 --gradient-checkpointing --cycles 1 \
+  --json "$out/finetune_7b.json"
+exit "$status"
