@@ -1,4 +1,9 @@
-"""Command line: `python -m hift_rt <command>` (also installed as `hift-rt`)."""
+"""Command line: `python -m hift_rt <command>` (also installed as `hift-rt`).
+
+  finetune   fine-tune a causal LM with hift_rt (with no options: a small random Llama on
+             Python's own documentation text; see --help)
+  info       how hift_rt._C was built and which transfer backend runs here, and why
+"""
 import argparse
 import json
 import sys
@@ -16,12 +21,30 @@ def _info(args) -> int:
     return 0
 
 
+def _finetune(args) -> int:
+    from . import finetune
+
+    try:
+        finetune.check_arguments(args)
+        return finetune.main(args)
+    except finetune.JobError as exc:
+        print(f"hift-rt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="hift-rt", description=__doc__)
+    from . import finetune
+
+    parser = argparse.ArgumentParser(prog="hift-rt", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="how hift_rt._C was built and which transfer backend runs here, and why")
+    ft = sub.add_parser("finetune", help="fine-tune a causal LM with hift_rt", description=finetune.__doc__)
+    finetune.add_arguments(ft)
     args = parser.parse_args(argv)
-    return {"info": _info}[args.command](args)
+    return {"info": _info, "finetune": _finetune}[args.command](args)
 
 
 if __name__ == "__main__":
