@@ -18,6 +18,8 @@ lr_policy="cycle" every step of a cycle uses the value it held at the cycle's fi
 """
 from __future__ import annotations
 
+import gc
+import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -54,11 +56,22 @@ class FlatGroup:
 
 
 def _split_decay(params, no_decay):
-    if not no_decay:
+    """Decayed parameters first, then the others; `no_decay(name)` says which get none."""
+    if no_decay is None:
         return list(params), len(params)
-    decay = [(n, p) for n, p in params if not any(s in n for s in no_decay)]
-    rest = [(n, p) for n, p in params if any(s in n for s in no_decay)]
+    decay = [(n, p) for n, p in params if not no_decay(n)]
+    rest = [(n, p) for n, p in params if no_decay(n)]
     return decay + rest, len(decay)
+
+
+def _adopt_grad_hook(optimizer_ref):
+    """A post-accumulate-grad hook that holds its optimizer weakly, so that dropping the
+    optimizer frees it (and its pinned memory) even while the model lives on."""
+    def hook(p):
+        optimizer = optimizer_ref()
+        if optimizer is not None:
+            optimizer._adopt_grad(p)
+    return hook
 
 
 def _owner(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
@@ -88,6 +101,23 @@ def _rehome(model: nn.Module, group: grouping.Group, no_decay, device, dtype) ->
                      [_owner(model, n) for n, _ in params])
 
 
+def _claim(params, optimizer) -> None:
+    """Each parameter belongs to at most one open HiFTOptimizer: a second wrap of the same model
+    would find the first one's frozen groups and hooks."""
+    def is_open(ref) -> bool:  # no local reference survives: the collector below can free it
+        return ref is not None and ref() is not None and not ref()._closed
+
+    for name, p in params:
+        ref = getattr(p, "_hift_rt_owner", None)
+        if is_open(ref):
+            gc.collect()  # an owner dropped by the user may only be waiting for the cycle collector
+        if is_open(ref):
+            raise ValueError(f"parameter '{name}' is managed by a HiFTOptimizer that is still open; "
+                             "call its close() before wrapping the model again")
+    for _, p in params:
+        p._hift_rt_owner = weakref.ref(optimizer)
+
+
 class HiFTOptimizer(torch.optim.Optimizer):
     """Hierarchical full-parameter fine-tuning of `model`; see `hift_rt.wrap` for the arguments."""
 
@@ -101,6 +131,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
                  lr_policy: str = "cycle", max_grad_norm: Optional[float] = None,
                  no_decay: Optional[Sequence[str]] = None, master_weights: Union[str, bool] = "auto",
                  seed: int = 0, **hyperparameters):
+        self._closed = True  # until fully built: close() and other wraps ignore a half-built one
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0:
@@ -117,7 +148,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
             raise ValueError(f"max_grad_norm must be a number > 0 or None, got {max_grad_norm!r}")
         if isinstance(no_decay, str):
             no_decay = (no_decay,)
-        self.no_decay = tuple(no_decay or ())
+        if no_decay is None or callable(no_decay):
+            self.no_decay = no_decay
+        else:
+            substrings = tuple(no_decay)
+            self.no_decay = lambda name: any(s in name for s in substrings)
 
         self.family = None
         self.torch_class = None
@@ -144,6 +179,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if not cut:
             raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
         all_params = [np for g in cut for np in g.params]
+        _claim(all_params, self)
         device, dtype = grouping.check_single_device_dtype(all_params)
         if self.family is not None and dtype not in FUSED_DTYPES:
             raise ValueError(f"parameters are {dtype}; the fused kernels take float32, bfloat16 or float16")
@@ -189,7 +225,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
             from .updaters import TorchClassUpdater
             self._updater = TorchClassUpdater(self, options)
 
-        self._hooks = [p.register_post_accumulate_grad_hook(self._adopt_grad) for _, p in all_params]
+        self._hooks = [p.register_post_accumulate_grad_hook(_adopt_grad_hook(weakref.ref(self)))
+                       for _, p in all_params]
         for _, p in all_params:
             p.requires_grad_(False)
         self._activate(self._rotation.active)
@@ -432,15 +469,29 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._activate(new)
 
     def close(self) -> None:
-        """Free the pinned host memory and the transfer engine. The model keeps its weights."""
+        """Free the pinned host memory and the transfer engine, and hand the model back: every
+        parameter trainable again, no gradients, no hooks. The model keeps its weights (still
+        views of the flat buffers, which live as long as the parameters)."""
         if getattr(self, "_closed", True):
             return
         self._closed = True
         for hook in self._hooks:
             hook.remove()
+        for g in self.groups:
+            for _, p in g.params:
+                p.grad = None
+                p.requires_grad_(True)
+                if getattr(p, "_hift_rt_owner", None) is not None and p._hift_rt_owner() is self:
+                    del p._hift_rt_owner
         self._updater.close()
         if self.engine is not None:
             self.engine.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: modules may already be gone
+            pass
 
     def __repr__(self) -> str:
         return (f"HiFTOptimizer(optim={self.optim_name!r}, groups={len(self.groups)}, strategy={self.strategy!r}, "
@@ -464,7 +515,8 @@ def wrap(model: nn.Module, optim: Union[str, type] = "adamw", *, lr: float, stra
     offload: "auto" (state of inactive groups in pinned host memory when on CUDA), True, False.
     lr_policy: "cycle" (the lr at a cycle's first step holds for the cycle) or "step".
     max_grad_norm: clip the active group's gradient to this norm (computed on the device).
-    no_decay: parameter-name substrings that get no weight decay, e.g. ("bias", "norm").
+    no_decay: parameter-name substrings that get no weight decay, e.g. ("bias", "norm"), or a
+        function name -> bool.
     master_weights: "auto" (fp32 master for bf16/fp16 parameters), True or False.
     optimizer_hyperparameters: torch's names and defaults (betas, eps, weight_decay, momentum, ...).
     """

@@ -431,3 +431,24 @@ def test_gpt2_tied_head_counts_once_in_the_input_group():
     names = [n for g in opt.describe_groups() for n in g["params"]]
     assert "lm_head.weight" not in names and names.count("transformer.wte.weight") == 1
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_wrapping_again_needs_close_and_close_hands_the_model_back():
+    model, _ = mlp()
+    opt = hift_rt.wrap(model, "adamw", lr=1e-3)
+    with pytest.raises(ValueError, match="still open; call its close"):
+        hift_rt.wrap(model, "adamw", lr=1e-3)
+    opt.close()
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    again = hift_rt.wrap(model, "sgd", lr=1e-3)
+    assert len(again.groups) == 4
+    del again  # dropped without close: collected, and the model is free again
+    hift_rt.wrap(model, "adamw", lr=1e-3).close()
+
+
+def test_no_decay_as_a_function():
+    model, _ = mlp()
+    opt = hift_rt.wrap(model, "adamw", lr=1e-3, no_decay=lambda name: name.endswith("bias"))
+    for g in opt.describe_groups():
+        assert g["params"][-1].endswith("bias") and not g["params"][0].endswith("bias")
+        assert g["decay_end"] < g["numel"]
