@@ -76,12 +76,14 @@ PYBIND11_MODULE(_C, m) {
         e.check_host(ptr, nbytes, "host_view");
         return py::memoryview::from_memory(reinterpret_cast<void*>(ptr), static_cast<py::ssize_t>(nbytes), false);
       }, py::arg("ptr"), py::arg("nbytes"))
-      .def("h2d", &Engine::h2d, py::arg("dst"), py::arg("src"), py::arg("nbytes"),
-           py::arg("deps") = Deps{}, py::arg("after_stream") = Stream{}, py::arg("chunk_bytes") = 0,
-           release)
-      .def("d2h", &Engine::d2h, py::arg("dst"), py::arg("src"), py::arg("nbytes"),
-           py::arg("deps") = Deps{}, py::arg("after_stream") = Stream{}, py::arg("chunk_bytes") = 0,
-           release)
+      .def("h2d", [](Engine& e, uintptr_t dst, uintptr_t src, size_t n, const Deps& deps, Stream after,
+                     size_t chunk) { return e.copy(hift::kH2D, dst, src, n, deps, after, chunk); },
+           py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("deps") = Deps{},
+           py::arg("after_stream") = Stream{}, py::arg("chunk_bytes") = 0, release)
+      .def("d2h", [](Engine& e, uintptr_t dst, uintptr_t src, size_t n, const Deps& deps, Stream after,
+                     size_t chunk) { return e.copy(hift::kD2H, dst, src, n, deps, after, chunk); },
+           py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("deps") = Deps{},
+           py::arg("after_stream") = Stream{}, py::arg("chunk_bytes") = 0, release)
       .def("swap", &Engine::swap, py::arg("slot"), py::arg("evict_to"), py::arg("fill_from"),
            py::arg("nbytes"), py::arg("deps") = Deps{}, py::arg("after_stream") = Stream{},
            py::arg("chunk_bytes") = 0, release)

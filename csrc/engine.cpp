@@ -199,34 +199,24 @@ uint64_t Engine::submit(OpPtr op, std::vector<Range> ranges) {
   return ticket;
 }
 
-uint64_t Engine::h2d(uintptr_t dst, uintptr_t src, size_t bytes, const std::vector<uint64_t>& deps,
-                     std::optional<uintptr_t> after_stream, size_t chunk) {
+uint64_t Engine::copy(Direction dir, uintptr_t dst, uintptr_t src, size_t bytes,
+                      const std::vector<uint64_t>& deps, std::optional<uintptr_t> after_stream,
+                      size_t chunk) {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
-  check_host(src, bytes, "h2d source");
-  backend_->check_device(dst, bytes, "h2d destination");
+  if (dir == kH2D) {
+    check_host(src, bytes, "h2d source");
+    backend_->check_device(dst, bytes, "h2d destination");
+  } else {
+    check_host(dst, bytes, "d2h destination");
+    backend_->check_device(src, bytes, "d2h source");
+  }
   retire_done();
   std::vector<Range> ranges{{src, src + bytes, false}, {dst, dst + bytes, true}};
   auto wait_for = resolve(deps);
   auto more = hazards(ranges);
   wait_for.insert(wait_for.end(), more.begin(), more.end());
-  auto op = backend_->copy(kH2D, reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src),
-                           bytes, pick_chunk(chunk), wait_for, after_stream);
-  return submit(std::move(op), std::move(ranges));
-}
-
-uint64_t Engine::d2h(uintptr_t dst, uintptr_t src, size_t bytes, const std::vector<uint64_t>& deps,
-                     std::optional<uintptr_t> after_stream, size_t chunk) {
-  std::lock_guard<std::mutex> lock(mu_);
-  check_open();
-  check_host(dst, bytes, "d2h destination");
-  backend_->check_device(src, bytes, "d2h source");
-  retire_done();
-  std::vector<Range> ranges{{src, src + bytes, false}, {dst, dst + bytes, true}};
-  auto wait_for = resolve(deps);
-  auto more = hazards(ranges);
-  wait_for.insert(wait_for.end(), more.begin(), more.end());
-  auto op = backend_->copy(kD2H, reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src),
+  auto op = backend_->copy(dir, reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src),
                            bytes, pick_chunk(chunk), wait_for, after_stream);
   return submit(std::move(op), std::move(ranges));
 }

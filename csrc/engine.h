@@ -127,10 +127,10 @@ class Engine {
   // Transfers. Each returns a ticket (1, 2, 3, ...). A transfer starts after every earlier
   // transfer that touches the same bytes (one of them writing), after the tickets in `deps`,
   // and after the work queued on `after_stream` so far. chunk 0 means the engine's default.
-  uint64_t h2d(uintptr_t dst, uintptr_t src, size_t bytes, const std::vector<uint64_t>& deps,
-               std::optional<uintptr_t> after_stream, size_t chunk);
-  uint64_t d2h(uintptr_t dst, uintptr_t src, size_t bytes, const std::vector<uint64_t>& deps,
-               std::optional<uintptr_t> after_stream, size_t chunk);
+  // kH2D: host src -> device dst; kD2H: device src -> host dst.
+  uint64_t copy(Direction dir, uintptr_t dst, uintptr_t src, size_t bytes,
+                const std::vector<uint64_t>& deps, std::optional<uintptr_t> after_stream,
+                size_t chunk);
   uint64_t swap(uintptr_t slot, uintptr_t evict_to, uintptr_t fill_from, size_t bytes,
                 const std::vector<uint64_t>& deps, std::optional<uintptr_t> after_stream,
                 size_t chunk);

@@ -1,5 +1,7 @@
 """Tiny models for the runtime tests, each with its HiFT units written out by hand (independently
-of hift_rt.grouping), a batch maker and a loss."""
+of hift_rt.grouping), a batch maker, a loss and a side-by-side training loop."""
+import contextlib
+
 import torch
 from torch import nn
 
@@ -59,3 +61,20 @@ def loss_of(kind, model, batch):
 
 def merge_units(units, per_group):
     return [sum(units[i:i + per_group], []) for i in range(0, len(units), per_group)]
+
+
+def train_side_by_side(kind, pairs, data, autocast=None):
+    """For each batch, on each (model, optimizer) pair: forward (under `autocast()` if given),
+    backward, step, zero_grad."""
+    for batch in data:
+        for model, opt in pairs:
+            with autocast() if autocast else contextlib.nullcontext():
+                loss = loss_of(kind, model, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+
+def assert_params_close(a, b, rtol=1e-5, atol=1e-6):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import hift_rt
-from models import MODELS, batches, loss_of, mlp, tiny_gpt2, tiny_llama
+from models import MODELS, assert_params_close, batches, loss_of, mlp, tiny_gpt2, tiny_llama, train_side_by_side
 from reference_hift import ReferenceHiFT
 
 
@@ -174,17 +174,9 @@ def test_bf16_autocast_matches_reference():
     ref, _ = tiny_llama()
     opt = hift_rt.wrap(ours, "adamw", lr=1e-2, eps=1e-3)
     reference = ReferenceHiFT(ref, units, torch.optim.AdamW, lr=1e-2, eps=1e-3)
-    for batch in batches("llama", 12):
-        for model in (ours, ref):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = loss_of("llama", model, batch)
-            loss.backward()
-        opt.step()
-        reference.step()
-        opt.zero_grad()
-        reference.zero_grad()
-    for p, q in zip(ours.parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    train_side_by_side("llama", [(ours, opt), (ref, reference)], batches("llama", 12),
+                       autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert_params_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_parameters_train_with_fp32_master_weights():
@@ -308,15 +300,8 @@ def test_gradient_checkpointing_with_frozen_lower_layers(kind):
     ref.train()
     opt = hift_rt.wrap(ours, "adamw", lr=1e-2, strategy="top_down", eps=1e-3)
     reference = ReferenceHiFT(ref, units, torch.optim.AdamW, lr=1e-2, strategy="top_down", eps=1e-3)
-    for batch in batches(kind, 2 * reference.k):
-        loss_of(kind, ours, batch).backward()
-        loss_of(kind, ref, batch).backward()
-        opt.step()
-        reference.step()
-        opt.zero_grad()
-        reference.zero_grad()
-    for p, q in zip(ours.parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    train_side_by_side(kind, [(ours, opt), (ref, reference)], batches(kind, 2 * reference.k))
+    assert_params_close(ours, ref)
 
 
 # ---- bad input -------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 
 import hift_rt
 from hift_rt.kernels import _common
-from models import MODELS, batches, loss_of, merge_units, mlp, tiny_llama
+from models import MODELS, assert_params_close, batches, loss_of, merge_units, mlp, tiny_llama, train_side_by_side
 from reference_hift import ReferenceHiFT
 
 @pytest.fixture(autouse=True, params=["torch", "triton"])
@@ -124,14 +124,8 @@ def test_one_group_equals_plain_adamw_step_for_step():
     assert len(opt.groups) == 1
     plain = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
     for batch in batches("llama", 5):
-        loss_of("llama", ours, batch).backward()
-        loss_of("llama", ref, batch).backward()
-        opt.step()
-        plain.step()
-        opt.zero_grad()
-        plain.zero_grad()
-        for p, q in zip(ours.parameters(), ref.parameters()):
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        train_side_by_side("llama", [(ours, opt), (ref, plain)], [batch])
+        assert_params_close(ours, ref)
 
 
 def test_gradient_accumulation_matches_reference():
@@ -160,15 +154,8 @@ def test_torch_optimizer_class_per_group_matches_reference(torch_class, offload)
     ref, _ = mlp()
     opt = hift_rt.wrap(ours, torch_class, lr=1e-2, offload=offload, strategy="top_down", foreach=False)
     reference = ReferenceHiFT(ref, units, torch_class, lr=1e-2, strategy="top_down")
-    for batch in batches("mlp", 3 * reference.k):
-        loss_of("mlp", ours, batch).backward()
-        loss_of("mlp", ref, batch).backward()
-        opt.step()
-        reference.step()
-        opt.zero_grad()
-        reference.zero_grad()
-    for p, q in zip(ours.parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    train_side_by_side("mlp", [(ours, opt), (ref, reference)], batches("mlp", 3 * reference.k))
+    assert_params_close(ours, ref)
     if offload:
         # Inactive groups' state sits in the engine's host buffers, the active group's on the device.
         inactive = [gi for gi in range(len(opt.groups)) if gi != opt.active_group]

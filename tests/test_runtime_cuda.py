@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import hift_rt
-from models import batches, loss_of, merge_units, tiny_llama
+from models import assert_params_close, batches, loss_of, merge_units, tiny_llama, train_side_by_side
 from reference_hift import ReferenceHiFT
 
 pytestmark = pytest.mark.cuda
@@ -26,16 +26,9 @@ def test_cuda_matches_reference_loop(strategy, units_per_group, offload):
         assert opt.engine.backend == "cuda"
     reference = ReferenceHiFT(ref, merge_units(units, units_per_group), torch.optim.AdamW, lr=1e-2,
                               strategy=strategy, seed=5, eps=1e-3)
-    for batch in batches("llama", 3 * reference.k):
-        batch = batch.cuda()
-        loss_of("llama", ours, batch).backward()
-        loss_of("llama", ref, batch).backward()
-        opt.step()
-        reference.step()
-        opt.zero_grad()
-        reference.zero_grad()
-    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    data = [b.cuda() for b in batches("llama", 3 * reference.k)]
+    train_side_by_side("llama", [(ours, opt), (ref, reference)], data)
+    assert_params_close(ours, ref)
     opt.close()
 
 
