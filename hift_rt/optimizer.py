@@ -252,9 +252,12 @@ class HiFTOptimizer(torch.optim.Optimizer):
         return list(self._steps)
 
     def describe_groups(self) -> List[dict]:
-        """Index, name, element count and parameter names of each group, bottom to top."""
-        return [{"index": g.index, "name": g.name, "numel": g.numel, "decay_end": g.decay_end,
-                 "params": [n for n, _ in g.params]} for g in self.groups]
+        """Per group, bottom to top: index, name, parameter names, their element count `numel`,
+        the flat buffer's `buffer_numel` (padded for alignment) and `decay_end` (elements
+        [0, decay_end) get weight decay)."""
+        return [{"index": g.index, "name": g.name, "params": [n for n, _ in g.params],
+                 "numel": sum(p.numel() for _, p in g.params), "buffer_numel": g.numel,
+                 "decay_end": g.decay_end} for g in self.groups]
 
     def memory_breakdown(self) -> dict:
         """Bytes of the runtime's own buffers: gradients and optimizer state on the device, state

@@ -6,6 +6,7 @@ torch path) and "cuda" (compiled Triton; skipped without a GPU). The CPU path is
 hift_rt.kernels._common.TRITON_ON_CPU, the switch the dispatch reads at call time. Without a GPU,
 one more test compiles every kernel variant for sm_90 and checks the width of its memory accesses.
 """
+import inspect
 import json
 import math
 import os
@@ -542,6 +543,16 @@ def test_kernels_compile_for_sm90_with_128_bit_accesses():
     """Every variant compiles for an H100/H200 (sm_90), and with n divisible by 16 every access
     to an (n,) buffer is 128 bits wide: the only 32-bit loads are clip_coef and found_inf, the
     only 32-bit store is grad_norm's partial."""
+    # The stand-in driver leans on Triton internals; a release that moves them skips this check
+    # (the kernels' own tests still run), it does not fail the suite.
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.runtime.driver import driver
+        from triton.runtime.jit import JITFunction
+    except ImportError as exc:
+        pytest.skip(f"Triton internals moved: {exc}")
+    if not hasattr(driver, "set_active") or "warmup" not in inspect.signature(JITFunction.run).parameters:
+        pytest.skip("Triton internals moved: no driver.set_active or JITFunction.run(warmup=)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env,
                           capture_output=True, text=True, timeout=300)
