@@ -109,7 +109,13 @@ class CudaBackend final : public Backend {
     DeviceGuard guard(device_);
     for (auto& s : streams_) check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
   }
-  ~CudaBackend() override { shutdown(); }
+  ~CudaBackend() override {
+    try {
+      shutdown();
+    } catch (...) {
+      // A destructor must not throw; a failing device is reported by the calls before.
+    }
+  }
 
   std::string name() const override { return "cuda"; }
   std::vector<uintptr_t> streams() const override {
@@ -207,14 +213,14 @@ class CudaBackend final : public Backend {
     return op;
   }
 
+  // Waits for the streams but never destroys them: torch's caching allocator records an event
+  // on every stream a block was record_stream-ed on when that block is freed, which may happen
+  // long after close(). Two streams per engine are left to the process.
   void shutdown() override {
-    if (!streams_[0]) return;
+    if (closed_) return;
+    closed_ = true;
     DeviceGuard guard(device_);
-    for (auto& s : streams_) {
-      cudaStreamSynchronize(s);
-      cudaStreamDestroy(s);
-      s = nullptr;
-    }
+    for (auto& s : streams_) cudaStreamSynchronize(s);
   }
 
  private:
@@ -225,6 +231,7 @@ class CudaBackend final : public Backend {
 
   int device_;
   cudaStream_t streams_[2] = {nullptr, nullptr};
+  bool closed_ = false;
 };
 
 }  // namespace

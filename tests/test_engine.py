@@ -382,3 +382,18 @@ def test_cuda_device_slot_freed_early_is_not_reused_under_the_copy():
         e.wait(t)
         assert int(host.view().max()) == 0
         del other
+
+
+@pytest.mark.cuda
+def test_cuda_tensor_used_by_a_closed_engine_frees_cleanly():
+    """Blocks record_stream-ed on the engine's streams may be freed after close(): the streams
+    stay valid for the allocator's events."""
+    e = TransferEngine("cuda")
+    host = e.alloc_host(1 << 20)
+    slot = torch.zeros(1 << 20, dtype=torch.uint8, device="cuda")
+    e.wait(e.h2d(slot, host.view()))
+    e.close()
+    del slot
+    again = torch.ones(1 << 20, dtype=torch.uint8, device="cuda")
+    torch.cuda.synchronize()
+    assert int(again.sum()) == 1 << 20
