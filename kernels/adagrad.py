@@ -41,23 +41,13 @@ def _adagrad_kernel(
     HAS_CLIP: tl.constexpr,  # without clipping, no load and no multiply
     HAS_FOUND_INF: tl.constexpr,  # without a GradScaler, no load of the flag
 ):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = n
-    if HAS_FOUND_INF:
-        # A non-zero flag empties the live range: nothing is loaded or stored, so every buffer
-        # keeps its bits, and the decision never leaves the device. A scalar select keeps n's
-        # divisibility by 16 visible, so accesses stay 128-bit (ld.global.v4 in sm_90 PTX).
-        live = tl.where(tl.load(found_inf_ptr) == 0, n, 0)
-    mask = offsets < live
+    offsets, mask = _common.live_elements(n, found_inf_ptr, BLOCK, HAS_FOUND_INF)
 
     weight = tl.load(weight_ptr + offsets, mask=mask).to(tl.float32)
     grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
     state_sum = tl.load(state_sum_ptr + offsets, mask=mask)
 
-    if HAS_CLIP:
-        grad = grad * tl.load(clip_coef_ptr)
-    if MAXIMIZE:
-        grad = -grad
+    grad = _common.scaled_gradient(grad, clip_coef_ptr, HAS_CLIP, MAXIMIZE)
     if WEIGHT_DECAY:
         grad = tl.where(offsets < decay_end, grad + weight_decay * weight, grad)
 
