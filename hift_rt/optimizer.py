@@ -204,7 +204,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self.groups: List[FlatGroup] = [_rehome(model, g, self.no_decay, device, dtype) for g in cut]
         self._grad_buffer = torch.zeros(max(g.numel for g in self.groups), dtype=dtype, device=device)
         self._grad_views: Dict[int, torch.Tensor] = {}  # id(param) -> its view, active group only
-        self._grads_dirty = False
+        self._touched: set = set()  # id(param) of active parameters autograd gave a gradient
         self._steps = [0] * len(self.groups)
         self._rotation = Rotation(len(self.groups), strategy, seed)
         self._cycle_lr: Optional[float] = None
@@ -280,29 +280,34 @@ class HiFTOptimizer(torch.optim.Optimizer):
         """Post-accumulate-grad hook: a gradient that autograd did not accumulate into the flat
         buffer (the .grad was set to None, e.g. by model.zero_grad()) is moved into it, so the
         transient copy is freed at once."""
-        self._grads_dirty = True
         view = self._grad_views.get(id(p))
         if view is None or p.grad is None or p.grad.is_sparse:
             return  # not in the active group, or step() reports the problem
+        self._touched.add(id(p))
         if p.grad.data_ptr() != view.data_ptr():
             view.copy_(p.grad.reshape(view.shape))
             p.grad = view
 
-    def _collect_grads(self, g: FlatGroup) -> torch.Tensor:
-        """The active group's flat gradient, with stray gradients folded in."""
+    def _collect_grads(self, g: FlatGroup) -> Tuple[torch.Tensor, List[bool]]:
+        """The active group's flat gradient, with stray gradients folded in, and for each of its
+        parameters whether it has a gradient: torch.optim skips a parameter whose .grad is None
+        (an unused branch, an expert no token was routed to), and so do we."""
         grad = self._grad_buffer[:g.numel]
+        has_grad = []
         for (name, p), off in zip(g.params, g.offsets):
             view = grad[off:off + p.numel()].view(p.shape)
-            if p.grad is None:
-                view.zero_()  # None means zero, whatever the buffer held before
-                p.grad = view
-            elif p.grad.is_sparse:
+            if p.grad is not None and p.grad.is_sparse:
                 raise RuntimeError(f"parameter '{name}' has a sparse gradient; hift_rt needs dense "
                                    "gradients (e.g. nn.Embedding(sparse=False))")
-            elif p.grad.data_ptr() != view.data_ptr():
-                view.copy_(p.grad)
-                p.grad = view
-        return grad
+            if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad)  # set by hand, or by autograd after .grad was set to None
+                has_grad.append(True)
+            else:
+                has_grad.append(p.grad is not None and id(p) in self._touched)
+                if not has_grad[-1]:
+                    view.zero_()  # no gradient since the last zero_grad/step: None for torch
+            p.grad = view
+        return grad, has_grad
 
     def _check_not_moved(self, g: FlatGroup) -> None:
         for (name, p), ptr, (module, key) in zip(g.params, g.data_ptrs, g.owners):
@@ -320,7 +325,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._check_not_moved(g)
         grad = self._grad_buffer[:g.numel]
         grad.zero_()
-        self._grads_dirty = False
+        self._touched = set()
         self._grad_views = {}
         for (_, p), off in zip(g.params, g.offsets):
             view = grad[off:off + p.numel()].view(p.shape)
@@ -336,12 +341,12 @@ class HiFTOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the active group's gradient. Its `.grad` stay views of the flat gradient buffer
-        (so autograd keeps accumulating in place) whatever `set_to_none` says; the other groups'
-        parameters have no gradient."""
+        (so autograd keeps accumulating in place) whatever `set_to_none` says, and a parameter
+        that gets no gradient before the next step() is skipped by it as if its .grad were None;
+        the other groups' parameters have no gradient."""
         g = self.groups[self._rotation.active]
-        if self._grads_dirty:
-            self._grad_buffer[:g.numel].zero_()
-            self._grads_dirty = False
+        self._grad_buffer[:g.numel].zero_()
+        self._touched = set()
         for _, p in g.params:
             p.grad = self._grad_views[id(p)]
 
@@ -382,7 +387,10 @@ class HiFTOptimizer(torch.optim.Optimizer):
             return loss
         g = self.groups[self._rotation.active]
         self._check_not_moved(g)
-        grad = self._collect_grads(g)
+        grad, has_grad = self._collect_grads(g)
+        if not any(has_grad):  # nothing to update, as in torch; the rotation goes on
+            self._advance()
+            return loss
         coef = None
         if grad_scale is not None:
             coef = grad_scale.double().reciprocal().float().reshape(1)
@@ -392,8 +400,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 norm = norm * coef[0]
             clip = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0).reshape(1)
             coef = clip if coef is None else coef * clip
-        self._updater.update(g, grad, step=self._steps[g.index] + 1, lr=self._lr(),
-                             options=self._options(), clip_coef=coef)
+        self._updater.update(g, grad, has_grad, lr=self._lr(), options=self._options(), clip_coef=coef)
         self._steps[g.index] += 1
         self._advance()
         return loss
@@ -464,7 +471,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self._rotation.load_state_dict(hift["rotation"])
             self._cycle_lr, self._cycle_lr_of = hift["cycle_lr"], hift["cycle_lr_of"]
         else:
-            self._steps = self._updater.steps_from_state(state_dict["state"])
+            self._steps = self._updater.group_steps_from_state()
         new = self._rotation.active
         if new != old:
             self._deactivate(old)

@@ -26,6 +26,9 @@ class FusedUpdater:
         self.state_names = self.family.state_names(opt.defaults)
         self.n_buffers = len(self.state_names) + (1 if opt.master_weights else 0)
         self.store = StateStore([g.numel * self.n_buffers for g in opt.groups], opt.device, opt.engine)
+        # Updates each parameter has had (torch's per-parameter "step"): they differ within a
+        # group only when some parameters went without a gradient on some steps.
+        self.param_steps = [[0] * len(g.params) for g in opt.groups]
         for g in opt.groups:
             self.store.write(g.index, self._initial_blob(g))
         if self.store.offloaded:
@@ -47,12 +50,33 @@ class FusedUpdater:
         master = blob[len(self.state_names) * n:(len(self.state_names) + 1) * n] if self.opt.master_weights else None
         return state, master
 
-    def update(self, g, grad, *, step, lr, options, clip_coef):
+    @staticmethod
+    def _runs(g, has_grad, steps):
+        """(start, end, step) element ranges to update: consecutive parameters that have a
+        gradient and the same step count. The usual case is one run over the whole buffer."""
+        runs = []
+        for (_, p), off, updated, step in zip(g.params, g.offsets, has_grad, steps):
+            if not updated:
+                continue
+            if runs and runs[-1][1] == off and runs[-1][2] == step:
+                runs[-1][1] = off + p.numel()
+            else:
+                runs.append([off, off + p.numel(), step])
+        if len(runs) == 1 and runs[0][:2] == [0, g.offsets[-1] + g.params[-1][1].numel()]:
+            runs[0][1] = g.numel  # the zero padding too: one aligned launch
+        return runs
+
+    def update(self, g, grad, has_grad, *, lr, options, clip_coef):
         if self.store.offloaded:
             self.store.make_ready(g.index)
         state, master = self._split(self.store.view(g.index), g.numel)
-        self.family.update(g.flat, grad, state, step=step, lr=lr, options=options,
-                           decay_end=g.decay_end, master=master, clip_coef=clip_coef)
+        steps = [s + 1 if updated else s for s, updated in zip(self.param_steps[g.index], has_grad)]
+        for start, end, step in self._runs(g, has_grad, steps):
+            part = slice(start, end)
+            self.family.update(g.flat[part], grad[part], {k: v[part] for k, v in state.items()}, step=step,
+                               lr=lr, options=options, decay_end=min(max(g.decay_end - start, 0), end - start),
+                               master=None if master is None else master[part], clip_coef=clip_coef)
+        self.param_steps[g.index] = steps
 
     def switch(self, g: int, h: int) -> None:
         if self.store.offloaded:
@@ -68,14 +92,16 @@ class FusedUpdater:
     def per_param_state(self) -> Dict[int, dict]:
         out = {}
         for g in self.opt.groups:
-            steps = self.opt._steps[g.index]
-            if steps == 0:
+            steps = self.param_steps[g.index]
+            if not any(steps):
                 continue
             state, master = self._split(self.store.read(g.index), g.numel)
-            for (_, p), off in zip(g.params, g.offsets):
+            for (_, p), off, step in zip(g.params, g.offsets, steps):
+                if step == 0:
+                    continue  # never updated: no state, as in torch
                 entry = {}
                 if self.family.has_step:
-                    entry["step"] = torch.tensor(float(steps))
+                    entry["step"] = torch.tensor(float(step))
                 for name, buf in state.items():
                     entry[name] = buf[off:off + p.numel()].view(p.shape)
                 if master is not None:
@@ -86,34 +112,29 @@ class FusedUpdater:
 
     def load_per_param_state(self, state: dict, hift: Optional[dict]) -> None:
         for g in self.opt.groups:
-            indices = [self.opt._index[id(p)] for _, p in g.params]
-            present = [i in state for i in indices]
             blob = self._initial_blob(g)
-            if any(present):
-                if not all(present):
-                    raise ValueError(f"state dict has state for some but not all parameters of group {g.index} ({g.name})")
-                bufs, master = self._split(blob, g.numel)
-                for (name, p), off, i in zip(g.params, g.offsets, indices):
-                    entry = state[i]
-                    for key, buf in bufs.items():
-                        if key not in entry:
-                            raise ValueError(f"state of parameter '{name}' has no '{key}'")
-                        buf[off:off + p.numel()].copy_(entry[key].reshape(-1))
-                    if master is not None and "master" in entry:
-                        master[off:off + p.numel()].copy_(entry["master"].reshape(-1))
+            bufs, master = self._split(blob, g.numel)
+            steps = []
+            for (name, p), off in zip(g.params, g.offsets):
+                entry = state.get(self.opt._index[id(p)])
+                if entry is None:
+                    steps.append(0)  # never updated: initial state
+                    continue
+                for key, buf in bufs.items():
+                    if key not in entry:
+                        raise ValueError(f"state of parameter '{name}' has no '{key}'")
+                    buf[off:off + p.numel()].copy_(entry[key].reshape(-1))
+                if master is not None and "master" in entry:
+                    master[off:off + p.numel()].copy_(entry["master"].reshape(-1))
+                # SGD keeps no step: a momentum buffer means at least one update.
+                steps.append(int(float(entry["step"])) if "step" in entry else 1)
+            self.param_steps[g.index] = steps
             self.store.write(g.index, blob)
 
-    def steps_from_state(self, state: dict) -> List[int]:
-        steps = []
-        for g in self.opt.groups:
-            entry = state.get(self.opt._index[id(g.params[0][1])])
-            if entry is None:
-                steps.append(0)
-            elif "step" in entry:
-                steps.append(int(float(entry["step"])))
-            else:
-                steps.append(1)  # SGD keeps no step; a momentum buffer means it has stepped
-        return steps
+    def group_steps_from_state(self) -> List[int]:
+        """Per group, the most updates any of its parameters had (a plain torch state dict
+        carries no group count)."""
+        return [max(steps) for steps in self.param_steps]
 
     def after_load(self, active: int) -> None:
         if self.store.offloaded:
@@ -248,14 +269,20 @@ class TorchClassUpdater:
         return float("nan")  # not measured on this path
 
     # -- the step ----------------------------------------------------------------------------
-    def update(self, g, grad, *, step, lr, options, clip_coef):
+    def update(self, g, grad, has_grad, *, lr, options, clip_coef):
         gi = g.index
         if self.engine is not None:
             self._make_ready(gi)
         if clip_coef is not None:
             grad.mul_(clip_coef)  # the flat gradient is dropped after this step anyway
         inner = self.inner[gi]
+        updated = [off for (_, p), off, h in zip(g.params, g.offsets, has_grad) if h]
         for p, (lo, hi) in zip(self.params[gi], self.ranges[gi]):
+            # The optimizer sees one tensor per range: it skips a range without any gradient;
+            # within a range, parameters without one take part with a zero gradient.
+            if not any(lo <= off < hi for off in updated):
+                p.grad = None
+                continue
             p.grad = grad[lo:hi].float() if self.opt.master_weights else grad[lo:hi]
         for i, pg in enumerate(inner.param_groups):
             pg["lr"] = lr
@@ -264,7 +291,7 @@ class TorchClassUpdater:
                     pg[key] = value
         inner.step()
         for p, (lo, hi) in zip(self.params[gi], self.ranges[gi]):
-            if self.opt.master_weights:
+            if self.opt.master_weights and p.grad is not None:
                 g.flat[lo:hi].copy_(p.data)
             p.grad = None
 
@@ -315,7 +342,7 @@ class TorchClassUpdater:
                 self._place(gi, on_device=False)
                 self.engine.synchronize()
 
-    def steps_from_state(self, state: dict) -> List[int]:
+    def group_steps_from_state(self) -> List[int]:
         raise AssertionError("unreachable: load_per_param_state refuses state dicts without 'hift'")
 
     def after_load(self, active: int) -> None:

@@ -5,6 +5,7 @@ torch's single-tensor loop differ in rounding only).
 """
 import pytest
 import torch
+from torch import nn
 
 import hift_rt
 from hift_rt.kernels import _common
@@ -234,3 +235,52 @@ def test_memory_breakdown_counts_one_group_of_state_on_device():
     assert mem["state_device"] == largest * 2 * 4
     assert mem["state_host"] == total * 2 * 4
     opt.close()
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(6, 6)
+        self.sometimes = nn.Linear(6, 6)  # only on odd calls
+        self.never = nn.Linear(6, 6)
+
+
+class _PartlyUsed(nn.Module):
+    """Parameters without gradients: a unit never used, one used every other step, one never
+    used inside used blocks (an unused branch, an expert no token was routed to)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.dead_input = nn.Linear(6, 6)
+        self.layers = nn.ModuleList([_Block() for _ in range(3)])
+        self.head = nn.Linear(6, 2)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        for block in self.layers:
+            x = torch.tanh(block.used(x))
+            if self.calls % 2:
+                x = x + block.sometimes(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("optim,hyper", [("adamw", {"weight_decay": 0.1}), ("sgd", {"momentum": 0.9, "weight_decay": 0.1})])
+@pytest.mark.parametrize("offload", [True, False])
+def test_parameters_without_gradients_are_skipped_as_in_torch(optim, hyper, offload):
+    ours, ref = _PartlyUsed(), _PartlyUsed()
+    units = [["dead_input"], ["layers.0"], ["layers.1"], ["layers.2"], ["head"]]
+    opt = hift_rt.wrap(ours, optim, lr=1e-2, offload=offload, strategy="random", units_per_group=2, **hyper)
+    reference = ReferenceHiFT(ref, merge_units(units, 2), TORCH_CLASS[optim], lr=1e-2, strategy="random", **hyper)
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 6, generator=gen), torch.randn(4, 2, generator=gen)) for _ in range(4 * reference.k)]
+    train_side_by_side("mlp", [(ours, opt), (ref, reference)], data)
+    assert_same(ours, ref, opt, reference, optim)
+    assert torch.equal(ours.dead_input.weight, ref.dead_input.weight)
+    state = opt.state_dict()["state"]
+    names = [n for g in opt.describe_groups() for n in g["params"]]
+    assert names.index("layers.0.never.weight") not in state
+    if optim == "adamw":
+        used, sometimes = (state[names.index(f"layers.0.{m}.weight")]["step"] for m in ("used", "sometimes"))
+        assert used > sometimes > 0
