@@ -277,9 +277,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
 
     # -- gradients ---------------------------------------------------------------------------
     def _adopt_grad(self, p: torch.Tensor) -> None:
-        """Post-accumulate-grad hook: a gradient that autograd did not accumulate into the flat
-        buffer (the .grad was set to None, e.g. by model.zero_grad()) is moved into it, so the
-        transient copy is freed at once."""
+        """Post-accumulate-grad hook: notes that `p` got a gradient, and moves a gradient that
+        autograd did not accumulate into the flat buffer (the .grad was set to None, e.g. by
+        model.zero_grad()) into it, so the transient copy is freed at once."""
         view = self._grad_views.get(id(p))
         if view is None or p.grad is None or p.grad.is_sparse:
             return  # not in the active group, or step() reports the problem
