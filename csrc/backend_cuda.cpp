@@ -122,16 +122,14 @@ class CudaBackend final : public Backend {
     return {reinterpret_cast<uintptr_t>(streams_[kH2D]), reinterpret_cast<uintptr_t>(streams_[kD2H])};
   }
 
-  void* host_alloc(size_t bytes) override {
+  std::shared_ptr<void> host_alloc(size_t bytes) override {
     DeviceGuard guard(device_);
     void* p = nullptr;
     // Portable: pinned for every context, so torch's copies see it as pinned too.
     check(cudaHostAlloc(&p, bytes, cudaHostAllocPortable), "cudaHostAlloc");
-    return p;
-  }
-  void host_free(void* p) override {
-    DeviceGuard guard(device_);
-    check(cudaFreeHost(p), "cudaFreeHost");
+    // The deleter runs wherever the last owner lets go (possibly at process exit, after the
+    // runtime is gone): it cannot report an error, and frees what it can.
+    return track_allocation(p, [](void* q) { cudaFreeHost(q); });
   }
   bool host_register(void* p, size_t bytes) override {
     DeviceGuard guard(device_);

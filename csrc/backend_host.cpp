@@ -146,14 +146,13 @@ class HostBackend final : public Backend {
   std::string name() const override { return "host"; }
   std::vector<uintptr_t> streams() const override { return {}; }
 
-  void* host_alloc(size_t bytes) override {
+  std::shared_ptr<void> host_alloc(size_t bytes) override {
     // Page-aligned, like pinned memory, so alignment bugs show up here too.
     size_t rounded = (bytes + 4095) / 4096 * 4096;
     void* p = std::aligned_alloc(4096, rounded);
     if (!p) throw EngineError("alloc_host: out of host memory for " + std::to_string(bytes) + " bytes");
-    return p;
+    return track_allocation(p, [](void* q) { std::free(q); });
   }
-  void host_free(void* p) override { std::free(p); }
   bool host_register(void*, size_t) override { return false; }  // nothing to pin
   void host_unregister(void*) override {}
   void check_device(uintptr_t ptr, size_t bytes, const char* what) override {

@@ -11,6 +11,13 @@ using hift::Engine;
 
 namespace {
 
+// A writable byte range of engine host memory that owns a share of it (see Engine::host_view).
+struct HostView {
+  std::shared_ptr<void> keep;
+  uintptr_t ptr;
+  size_t bytes;
+};
+
 py::dict counters_dict(const hift::Counters& c) {
   py::dict d;
   const char* names[2] = {"h2d", "d2h"};
@@ -38,6 +45,15 @@ PYBIND11_MODULE(_C, m) {
     d["default_chunk_bytes"] = hift::kDefaultChunkBytes;
     return d;
   }, "How this module was built: CUDA backend compiled in or not, cudart version.");
+
+  m.def("live_host_allocations", &hift::live_host_allocations,
+        "Host buffers allocated by any engine and not yet released (by the engine and every view).");
+
+  py::class_<HostView>(m, "HostView", py::buffer_protocol())
+      .def_buffer([](HostView& v) {
+        return py::buffer_info(reinterpret_cast<void*>(v.ptr), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(v.bytes)}, {1}, false);
+      });
 
   m.def("probe", [](int device) {
     hift::Probe p;
@@ -72,10 +88,10 @@ PYBIND11_MODULE(_C, m) {
       .def("register_host", &Engine::register_host, py::arg("ptr"), py::arg("nbytes"), release)
       .def("unregister_host", &Engine::unregister_host, py::arg("ptr"), release)
       .def("host_view", [](Engine& e, uintptr_t ptr, size_t nbytes) {
-        // A writable memoryview over engine-known host memory (torch.frombuffer wraps it).
-        e.check_host(ptr, nbytes, "host_view");
-        return py::memoryview::from_memory(reinterpret_cast<void*>(ptr), static_cast<py::ssize_t>(nbytes), false);
-      }, py::arg("ptr"), py::arg("nbytes"))
+        return HostView{e.host_view(ptr, nbytes), ptr, nbytes};
+      }, py::arg("ptr"), py::arg("nbytes"), release,
+         "Bytes [ptr, ptr + nbytes) of a host buffer as a buffer-protocol object that keeps the "
+         "memory alive (torch.frombuffer wraps it), even after free_host or close.")
       .def("h2d", [](Engine& e, uintptr_t dst, uintptr_t src, size_t n, const Deps& deps, Stream after,
                      size_t chunk) { return e.copy(hift::kH2D, dst, src, n, deps, after, chunk); },
            py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("deps") = Deps{},

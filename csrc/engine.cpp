@@ -4,6 +4,7 @@
 #include "engine.h"
 
 #include <algorithm>
+#include <atomic>
 #include <sstream>
 
 namespace hift {
@@ -19,7 +20,19 @@ bool overlaps(const Range& a, const Range& b) {
   return (a.write || b.write) && a.begin < b.end && b.begin < a.end;
 }
 
+std::atomic<int64_t> g_live_host_allocations{0};
+
 }  // namespace
+
+int64_t live_host_allocations() { return g_live_host_allocations.load(); }
+
+std::shared_ptr<void> track_allocation(void* ptr, void (*release)(void*)) {
+  ++g_live_host_allocations;
+  return std::shared_ptr<void>(ptr, [release](void* p) {
+    release(p);
+    --g_live_host_allocations;
+  });
+}
 
 Engine::Engine(const std::string& backend, int device, size_t chunk_bytes)
     : device_(device), chunk_bytes_(chunk_bytes) {
@@ -87,8 +100,9 @@ uintptr_t Engine::alloc_host(size_t bytes) {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
   if (bytes == 0) throw std::invalid_argument("alloc_host: size is 0 bytes");
-  auto ptr = reinterpret_cast<uintptr_t>(backend_->host_alloc(bytes));
-  host_buffers_[ptr] = HostBuffer{bytes, true, false};
+  std::shared_ptr<void> memory = backend_->host_alloc(bytes);
+  auto ptr = reinterpret_cast<uintptr_t>(memory.get());
+  host_buffers_[ptr] = HostBuffer{bytes, std::move(memory), false};
   return ptr;
 }
 
@@ -109,12 +123,12 @@ void Engine::free_host(uintptr_t ptr) {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
   auto it = host_buffers_.find(ptr);
-  if (it == host_buffers_.end() || !it->second.owned)
+  if (it == host_buffers_.end() || !it->second.memory)
     throw std::invalid_argument("free_host: " + hex(ptr) +
                                 " is not a host buffer allocated by this engine (or already freed)");
   // A buffer is never freed under a transfer: wait for every one in flight that touches it.
+  // Erasing drops the engine's share; views still held keep the memory.
   wait_overlapping(ptr, ptr + it->second.bytes);
-  backend_->host_free(reinterpret_cast<void*>(ptr));
   host_buffers_.erase(it);
 }
 
@@ -133,19 +147,27 @@ void Engine::register_host(uintptr_t ptr, size_t bytes) {
     throw std::invalid_argument("register_host: [" + hex(ptr) + ", +" + std::to_string(bytes) +
                                 ") overlaps a host buffer this engine already knows");
   bool pinned = backend_->host_register(reinterpret_cast<void*>(ptr), bytes);
-  host_buffers_[ptr] = HostBuffer{bytes, false, pinned};
+  host_buffers_[ptr] = HostBuffer{bytes, nullptr, pinned};
 }
 
 void Engine::unregister_host(uintptr_t ptr) {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
   auto it = host_buffers_.find(ptr);
-  if (it == host_buffers_.end() || it->second.owned)
+  if (it == host_buffers_.end() || it->second.memory)
     throw std::invalid_argument("unregister_host: " + hex(ptr) +
                                 " is not memory registered with this engine");
   wait_overlapping(ptr, ptr + it->second.bytes);
   if (it->second.pinned) backend_->host_unregister(reinterpret_cast<void*>(ptr));
   host_buffers_.erase(it);
+}
+
+std::shared_ptr<void> Engine::host_view(uintptr_t ptr, size_t bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  check_host(ptr, bytes, "host_view");
+  uintptr_t base = 0;
+  return find_host(ptr, bytes, &base)->memory;
 }
 
 size_t Engine::host_buffer_bytes(uintptr_t ptr) {
@@ -322,13 +344,9 @@ void Engine::close() {
     op->wait();
   }
   in_flight_.clear();
-  for (auto& [ptr, buf] : host_buffers_) {
-    if (buf.owned)
-      backend_->host_free(reinterpret_cast<void*>(ptr));
-    else if (buf.pinned)
-      backend_->host_unregister(reinterpret_cast<void*>(ptr));
-  }
-  host_buffers_.clear();
+  for (auto& [ptr, buf] : host_buffers_)
+    if (buf.pinned) backend_->host_unregister(reinterpret_cast<void*>(ptr));
+  host_buffers_.clear();  // drops the engine's share of allocated memory
   backend_->shutdown();
 }
 

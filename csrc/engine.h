@@ -63,8 +63,9 @@ class Backend {
   virtual std::string name() const = 0;
   // {h2d stream, d2h stream} as integers (cudaStream_t); the host backend has none.
   virtual std::vector<uintptr_t> streams() const = 0;
-  virtual void* host_alloc(size_t bytes) = 0;
-  virtual void host_free(void* ptr) = 0;
+  // Host memory whose deleter frees it (cudaFreeHost / free); the deleter depends on nothing
+  // but the CUDA runtime, so the memory may outlive the backend (see Engine::host_view).
+  virtual std::shared_ptr<void> host_alloc(size_t bytes) = 0;
   // Returns false when the memory was already pinned by someone else (nothing to undo later).
   virtual bool host_register(void* ptr, size_t bytes) = 0;
   virtual void host_unregister(void* ptr) = 0;
@@ -97,6 +98,8 @@ struct Probe {
 };
 Probe probe(int device);
 bool built_with_cuda();
+int64_t live_host_allocations();  // engine-allocated host buffers not yet freed (leak checks)
+std::shared_ptr<void> track_allocation(void* ptr, void (*release)(void*));
 int cuda_runtime_version();  // CUDART_VERSION, 0 without CUDA
 
 class Engine {
@@ -117,12 +120,16 @@ class Engine {
 
   // Host buffers: allocated and freed by the engine (pinned under CUDA), or registered.
   // Freeing or unregistering waits for every transfer in flight that touches the buffer.
+  // Ownership of allocated memory is shared with the views handed out by host_view: free_host
+  // and close() drop the engine's share, the memory goes when the last view does.
   uintptr_t alloc_host(size_t bytes);
   void free_host(uintptr_t ptr);
   void register_host(uintptr_t ptr, size_t bytes);
   void unregister_host(uintptr_t ptr);
   size_t host_buffer_bytes(uintptr_t ptr);  // size of the buffer holding ptr (must be known)
-  void check_host(uintptr_t ptr, size_t bytes, const char* what);
+  // [ptr, ptr + bytes) inside a known host buffer, with a share of its ownership (null for
+  // registered memory, which its owner keeps alive).
+  std::shared_ptr<void> host_view(uintptr_t ptr, size_t bytes);
 
   // Transfers. Each returns a ticket (1, 2, 3, ...). A transfer starts after every earlier
   // transfer that touches the same bytes (one of them writing), after the tickets in `deps`,
@@ -149,10 +156,11 @@ class Engine {
  private:
   struct HostBuffer {
     size_t bytes;
-    bool owned;     // allocated here (freed here) or registered
-    bool pinned;    // registered by us, so unregistered by us
+    std::shared_ptr<void> memory;  // allocated here; null when registered
+    bool pinned;                   // registered and pinned by us, so unregistered by us
   };
   void check_open() const;
+  void check_host(uintptr_t ptr, size_t bytes, const char* what);
   size_t pick_chunk(size_t chunk) const;
   void retire_done();  // account and drop finished ops
   std::vector<OpPtr> resolve(const std::vector<uint64_t>& deps);

@@ -42,8 +42,10 @@ def probe(device: int = 0) -> dict:
 class HostBuffer:
     """`nbytes` of host memory known to the engine: pinned (CUDA) or page-aligned (host backend).
 
-    `view(dtype, offset, numel)` returns a CPU tensor aliasing the buffer; it is valid until the
-    buffer is freed. Registered torch memory keeps its tensor referenced here.
+    `view(dtype, offset, numel)` returns a CPU tensor aliasing the buffer. A view owns a share of
+    the memory: `free()` and the engine's `close()` drop the engine's share, and the memory goes
+    with the last view (a state_dict holding views stays readable after the optimizer closes).
+    Registered torch memory keeps its tensor referenced here; its views are views of that tensor.
     """
 
     def __init__(self, engine: "TransferEngine", ptr: int, nbytes: int, owner: Optional[torch.Tensor]):
@@ -69,8 +71,10 @@ class HostBuffer:
         nbytes = numel * itemsize
         if offset < 0 or numel <= 0 or offset + nbytes > self.nbytes:
             raise ValueError(f"view [{offset}, +{nbytes}) lies outside the host buffer of {self.nbytes} bytes")
-        mv = self._engine._engine.host_view(self.ptr + offset, nbytes)
-        return torch.frombuffer(mv, dtype=dtype, count=numel)
+        if self._owner is not None:
+            return self._owner.view(-1).view(torch.uint8)[offset:offset + nbytes].view(dtype)
+        # torch.frombuffer keeps the HostView (and with it the memory) alive for the tensor's life.
+        return torch.frombuffer(self._engine._engine.host_view(self.ptr + offset, nbytes), dtype=dtype, count=numel)
 
     def free(self) -> None:
         """Release the memory (waits for transfers in flight that touch it). Idempotent."""

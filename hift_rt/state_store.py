@@ -124,14 +124,19 @@ class StateStore:
 
     # -- checkpoints -------------------------------------------------------------------------
     def read(self, g: int) -> torch.Tensor:
-        """g's blob as it is now: a CPU copy for the resident group, the host buffer itself (no
-        transfer touching it any more) for an evicted one, the device blob without offload."""
+        """g's blob as it is now: a CPU copy for the resident group, a view of its host buffer
+        (no transfer touching it any more) for an evicted one, the device blob without offload.
+        Views are live, as torch's state_dict tensors are: a later eviction of g rewrites them;
+        they stay valid after close()."""
         if not self.offloaded:
             return self._blobs[g]
         if self.sizes[g] == 0:
             return torch.zeros(0)
         if self._resident == g:
-            self.make_ready(g)
+            # Wait on the host, keeping the tickets: the next update still orders the compute
+            # stream after them (whatever stream or thread this read runs on).
+            for ticket in self._pending.get(g, []):
+                self.engine.wait(ticket)
             return self._slot[:self.sizes[g]].to("cpu", copy=True)
         host = self._host(g)
         self.engine.wait_tensor(host)

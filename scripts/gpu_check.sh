@@ -20,6 +20,7 @@ step() {
 }
 
 step python -m pip install --no-build-isolation --no-deps -e .
+step python -c "from hift_rt.engine import build_info as b; i = b(); print(i); assert i['cuda_compiled'], 'built without the CUDA backend'"
 step nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 step python -m hift_rt info
 step python -m pytest -m cuda -q -rs

@@ -397,3 +397,27 @@ def test_cuda_tensor_used_by_a_closed_engine_frees_cleanly():
     again = torch.ones(1 << 20, dtype=torch.uint8, device="cuda")
     torch.cuda.synchronize()
     assert int(again.sum()) == 1 << 20
+
+
+def test_views_keep_host_memory_alive_after_free_and_close():
+    """A view owns a share of its buffer: free() and close() drop only the engine's share."""
+    import gc
+
+    before = _C.live_host_allocations()
+    engine = TransferEngine("cpu")
+    buf = engine.alloc_host(1 << 16)
+    view = buf.view(torch.float32)
+    view.fill_(2.5)
+    assert _C.live_host_allocations() == before + 1
+    buf.free()
+    engine.close()
+    gc.collect()
+    assert _C.live_host_allocations() == before + 1
+    assert float(view.sum()) == 2.5 * (1 << 14)
+    del view
+    gc.collect()
+    assert _C.live_host_allocations() == before
+    other = TransferEngine("cpu")
+    other.alloc_host(4096)
+    other.close()
+    assert _C.live_host_allocations() == before

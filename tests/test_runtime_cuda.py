@@ -43,13 +43,21 @@ def _llama(hidden=512, layers=6, vocab=8000):
     return model
 
 
+def _allocated():
+    # cuBLAS keeps a workspace per (handle, stream) in the caching allocator from its first GEMM
+    # on; torch's own leak checks drop them before counting, and so do we.
+    torch.cuda.synchronize()
+    torch._C._cuda_clearCublasWorkspaces()
+    return torch.cuda.memory_allocated()
+
+
 def test_cuda_memory_is_weights_plus_one_group_of_gradients_and_state():
     """Between steps the device holds the weights, one group's gradient buffer and the state
     slot, and nothing else of the runtime: the state of inactive groups is in host memory."""
     torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
+    base = _allocated()
     model = _llama()
-    weights = torch.cuda.memory_allocated() - base
+    weights = _allocated() - base
     opt = hift_rt.wrap(model, "adamw", lr=1e-4, offload=True)
     mem = opt.memory_breakdown()
     x = torch.randint(0, 8000, (2, 256), device="cuda")
@@ -57,13 +65,14 @@ def test_cuda_memory_is_weights_plus_one_group_of_gradients_and_state():
         loss_of("llama", model, x).backward()
         opt.step()
         opt.zero_grad()
-    torch.cuda.synchronize()
-    steady = torch.cuda.memory_allocated() - base
+    steady = _allocated() - base
     expected = mem["weights"] + mem["gradients"] + mem["state_device"]
     print(f"\nweights {weights / 2**20:.1f} MiB (flat {mem['weights'] / 2**20:.1f}), gradients "
           f"{mem['gradients'] / 2**20:.1f}, state slot {mem['state_device'] / 2**20:.1f}, host state "
           f"{mem['state_host'] / 2**20:.1f} MiB; allocated between steps {steady / 2**20:.1f} MiB")
-    assert abs(steady - expected) <= 0.05 * expected
+    # 5%, plus 2 MiB for the allocator's rounding (blocks round up to 512 B, large ones taken
+    # whole from a cached segment) and small buffers of the model (rotary tables).
+    assert abs(steady - expected) <= 0.05 * expected + 2 * 2**20
     assert mem["state_device"] < mem["state_host"] / 2
 
     # The update itself allocates no group-sized temporaries.

@@ -216,8 +216,10 @@ FACTORIES = {
 
 
 def _sync(device):
+    # The compute stream only: a device-wide synchronize would also wait for the engine's
+    # copy streams and so put every swap into the step it times, hiding nothing.
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 def _release(device):
@@ -227,6 +229,17 @@ def _release(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def _timed_transfers(total, warm):
+    """Engine figures of the timed cycles: the totals minus those of the warm-up cycle."""
+    out = {"exposed_wait_seconds": total["exposed_wait_seconds"] - warm.get("exposed_wait_seconds", 0.0)}
+    for direction in ("h2d", "d2h"):
+        t, w = total[direction], warm.get(direction, {})
+        d = {key: t[key] - w.get(key, 0) for key in ("bytes", "busy_seconds", "transfers")}
+        d["gb_per_s"] = d["bytes"] / d["busy_seconds"] / 1e9 if d["busy_seconds"] > 0 else 0.0
+        out[direction] = d
+    return out
+
+
 def run_method(name, cfg, device, args, batch, autocast):
     """Warm-up cycle, then `args.cycles` timed cycles; returns this method's figures."""
     _release(device)
@@ -234,7 +247,10 @@ def run_method(name, cfg, device, args, batch, autocast):
     method = FACTORIES[name](cfg, device, args)
     k = method.groups
     step_times, step_peaks = [], []
+    warm = {}
     for i in range((1 + args.cycles) * k):
+        if i == k and isinstance(method, _HiFT):
+            warm = method.transfers()  # figures of the warm-up cycle, subtracted below
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
@@ -259,11 +275,11 @@ def run_method(name, cfg, device, args, batch, autocast):
     # so read it for the first method run or run one method per process.
     out["peak_host_rss_GiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
     if isinstance(method, _HiFT):
-        stats = method.transfers()
-        if stats:
+        totals = method.transfers()
+        if totals:
+            stats = _timed_transfers(totals, warm)
             out["transfers"] = stats
-            total_time = step_s * len(step_times)
-            out["exposed_transfer_fraction"] = stats["exposed_wait_seconds"] / total_time
+            out["exposed_transfer_fraction"] = stats["exposed_wait_seconds"] / sum(step_times)
     method.close()
     del method
     _release(device)
