@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from ..engine import EngineError
+
 PRESETS = {
     # name: (hidden, intermediate, layers, heads, vocab, default batch, default seq)
     "tiny": (64, 172, 4, 4, 512, 2, 64),
@@ -324,8 +326,8 @@ def run(args):
                 continue
         try:
             report["methods"][name] = run_method(name, cfg, device, args, batch, autocast)
-        except torch.OutOfMemoryError as exc:
-            report["methods"][name] = {"error": f"out of memory: {str(exc).splitlines()[0]}"}
+        except (torch.OutOfMemoryError, EngineError) as exc:  # GPU memory, or pinned host memory
+            report["methods"][name] = {"error": str(exc).splitlines()[0]}
             _release(device)
     return report
 
