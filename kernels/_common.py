@@ -59,6 +59,16 @@ def scaled_gradient(grad, clip_coef_ptr, HAS_CLIP: tl.constexpr, MAXIMIZE: tl.co
     return grad
 
 
+def torch_gradient(grad, clip_coef, maximize):
+    """The torch path's gradient: an fp32 copy, times clip_coef (when given), negated (maximize)."""
+    g = grad.to(torch.float32, copy=True)
+    if clip_coef is not None:
+        g.mul_(clip_coef)
+    if maximize:
+        g.neg_()
+    return g
+
+
 def use_triton(tensor):
     """Whether a call on `tensor` runs the Triton kernel (True) or the torch path (False)."""
     return tensor.is_cuda or (TRITON_ON_CPU and tensor.device.type == "cpu")

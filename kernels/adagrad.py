@@ -85,12 +85,8 @@ def _torch_path(weights, param, grad, state_sum, clip_coef, found_inf, decay_end
                 weight_decay, clr, eps, maximize):
     """The kernel's math in torch ops, fp32, on copies that are committed at the end."""
     weight = weights.to(torch.float32, copy=True)
-    g = grad.to(torch.float32, copy=True)
+    g = _common.torch_gradient(grad, clip_coef, maximize)
     state_sum_new = state_sum.clone()
-    if clip_coef is not None:
-        g.mul_(clip_coef)
-    if maximize:
-        g.neg_()
     if weight_decay != 0.0:
         g[:decay_end].add_(weight[:decay_end], alpha=weight_decay)
     state_sum_new.addcmul_(g, g, value=1)

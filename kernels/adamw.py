@@ -104,13 +104,9 @@ def _torch_path(weights, param, grad, exp_avg, exp_avg_sq, clip_coef, found_inf,
                 bias_correction2_sqrt):
     """The kernel's math in torch ops, fp32, on copies that are committed at the end."""
     weight = weights.to(torch.float32, copy=True)
-    g = grad.to(torch.float32, copy=True)
+    g = _common.torch_gradient(grad, clip_coef, maximize)
     exp_avg_new = exp_avg.clone()
     exp_avg_sq_new = exp_avg_sq.clone()
-    if clip_coef is not None:
-        g.mul_(clip_coef)
-    if maximize:
-        g.neg_()
     if weight_decay != 0.0:
         if decoupled:
             weight[:decay_end].mul_(1.0 - lr * weight_decay)

@@ -103,11 +103,7 @@ def _torch_path(weights, param, grad, momentum_buffer, clip_coef, found_inf, dec
                 lr, momentum, dampening, nesterov, weight_decay, maximize, first_step):
     """The kernel's math in torch ops, fp32, on copies that are committed at the end."""
     weight = weights.to(torch.float32, copy=True)
-    g = grad.to(torch.float32, copy=True)
-    if clip_coef is not None:
-        g.mul_(clip_coef)
-    if maximize:
-        g.neg_()
+    g = _common.torch_gradient(grad, clip_coef, maximize)
     if weight_decay != 0.0:
         g[:decay_end].add_(weight[:decay_end], alpha=weight_decay)
     outputs = [(weights, weight)]
