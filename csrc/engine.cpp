@@ -170,15 +170,6 @@ std::shared_ptr<void> Engine::host_view(uintptr_t ptr, size_t bytes) {
   return find_host(ptr, bytes, &base)->memory;
 }
 
-size_t Engine::host_buffer_bytes(uintptr_t ptr) {
-  std::lock_guard<std::mutex> lock(mu_);
-  check_open();
-  uintptr_t base = 0;
-  const HostBuffer* b = find_host(ptr, 1, &base);
-  if (!b) throw std::invalid_argument(hex(ptr) + " is not in a host buffer of this engine");
-  return b->bytes - (ptr - base);
-}
-
 void Engine::retire_done() {
   for (auto it = in_flight_.begin(); it != in_flight_.end();) {
     if (it->second->done()) {

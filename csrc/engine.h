@@ -126,7 +126,6 @@ class Engine {
   void free_host(uintptr_t ptr);
   void register_host(uintptr_t ptr, size_t bytes);
   void unregister_host(uintptr_t ptr);
-  size_t host_buffer_bytes(uintptr_t ptr);  // size of the buffer holding ptr (must be known)
   // [ptr, ptr + bytes) inside a known host buffer, with a share of its ownership (null for
   // registered memory, which its owner keeps alive).
   std::shared_ptr<void> host_view(uintptr_t ptr, size_t bytes);

@@ -55,10 +55,6 @@ class HostBuffer:
         self._owner = owner  # the registered torch tensor, or None when the engine allocated it
         self._freed = False
 
-    @property
-    def registered(self) -> bool:
-        return self._owner is not None
-
     def view(self, dtype: torch.dtype = torch.uint8, offset: int = 0, numel: Optional[int] = None) -> torch.Tensor:
         """A 1-D CPU tensor of `dtype` over bytes [offset, offset + numel * itemsize)."""
         if self._freed:

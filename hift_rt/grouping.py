@@ -128,11 +128,6 @@ def groups_from_prefixes(model: nn.Module, prefixes: Sequence[Sequence[str]]) ->
     return groups
 
 
-def describe(groups: Sequence[Group]) -> List[dict]:
-    return [{"index": g.index, "name": g.name, "units": list(g.unit_names), "numel": g.numel,
-             "params": [n for n, _ in g.params]} for g in groups]
-
-
 def check_single_device_dtype(params: NamedParams) -> Tuple[torch.device, torch.dtype]:
     devices = {p.device for _, p in params}
     if len(devices) != 1:
