@@ -28,7 +28,7 @@ from torch import nn
 
 from . import grouping
 from .engine import TransferEngine
-from .families import FAMILIES, initial_state_value
+from .families import FAMILIES
 from .kernels import grad_norm
 from .rotation import STRATEGIES, Rotation
 from .state_store import StateStore

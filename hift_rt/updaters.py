@@ -15,7 +15,6 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .families import initial_state_value
 from .state_store import StateStore
 
 
@@ -39,8 +38,8 @@ class FusedUpdater:
         as the fp32 value of the weights."""
         n = g.numel
         blob = torch.empty(n * self.n_buffers, dtype=torch.float32, device=g.flat.device)
-        for k, name in enumerate(self.state_names):
-            blob[k * n:(k + 1) * n].fill_(initial_state_value(name, self.opt.defaults))
+        for k, value in enumerate(self.family.initial_state(n, g.flat.device, self.opt.defaults).values()):
+            blob[k * n:(k + 1) * n].copy_(value)
         if self.opt.master_weights:
             blob[len(self.state_names) * n:].copy_(g.flat)
         return blob

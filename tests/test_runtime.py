@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import hift_rt
+from hift_rt.families import FAMILIES
 from hift_rt.kernels import _common
 from models import MODELS, assert_params_close, batches, loss_of, merge_units, mlp, tiny_llama, train_side_by_side
 from reference_hift import ReferenceHiFT
@@ -20,10 +21,6 @@ def kernel_path(request, monkeypatch):
     return request.param
 
 
-STATE_KEYS = {"adamw": ("exp_avg", "exp_avg_sq"), "adam": ("exp_avg", "exp_avg_sq"),
-              "adagrad": ("sum",), "sgd": ("momentum_buffer",)}
-TORCH_CLASS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad,
-               "sgd": torch.optim.SGD}
 
 
 def run_pair(kind, optim, *, strategy="bottom_up", units_per_group=1, offload=True, cycles=2,
@@ -43,7 +40,7 @@ def run_pair(kind, optim, *, strategy="bottom_up", units_per_group=1, offload=Tr
     opt = hift_rt.wrap(ours, optim, lr=lr, strategy=strategy, units_per_group=units_per_group,
                        offload=offload, lr_policy=lr_policy, no_decay=no_decay,
                        max_grad_norm=max_grad_norm, seed=seed, **hyper)
-    reference = ReferenceHiFT(ref, merge_units(units, units_per_group), TORCH_CLASS[optim], lr=lr,
+    reference = ReferenceHiFT(ref, merge_units(units, units_per_group), FAMILIES[optim].torch_class, lr=lr,
                               strategy=strategy, seed=seed, lr_policy=lr_policy,
                               no_decay=no_decay or (), max_grad_norm=max_grad_norm, **hyper)
     assert len(opt.groups) == reference.k
@@ -77,7 +74,7 @@ def assert_same(ours, ref, opt, reference, optim, rtol=1e-5, atol=1e-6):
         if not expected:
             assert index not in state, f"{name} has state but its group never stepped"
             continue
-        for key in STATE_KEYS[optim]:
+        for key in FAMILIES[optim].state_names(opt.param_groups[0]):
             if key in expected and expected[key] is not None:
                 torch.testing.assert_close(state[index][key], expected[key], rtol=rtol, atol=atol,
                                            msg=lambda m: f"state {key} of {name}: {m}")
@@ -272,7 +269,7 @@ def test_parameters_without_gradients_are_skipped_as_in_torch(optim, hyper, offl
     ours, ref = _PartlyUsed(), _PartlyUsed()
     units = [["dead_input"], ["layers.0"], ["layers.1"], ["layers.2"], ["head"]]
     opt = hift_rt.wrap(ours, optim, lr=1e-2, offload=offload, strategy="random", units_per_group=2, **hyper)
-    reference = ReferenceHiFT(ref, merge_units(units, 2), TORCH_CLASS[optim], lr=1e-2, strategy="random", **hyper)
+    reference = ReferenceHiFT(ref, merge_units(units, 2), FAMILIES[optim].torch_class, lr=1e-2, strategy="random", **hyper)
     gen = torch.Generator().manual_seed(0)
     data = [(torch.randn(4, 6, generator=gen), torch.randn(4, 2, generator=gen)) for _ in range(4 * reference.k)]
     train_side_by_side("mlp", [(ours, opt), (ref, reference)], data)
