@@ -6,7 +6,8 @@ returns a torch.optim.Optimizer that updates one depth-group of the model per st
 other groups' optimizer state in pinned host memory, and streams it in and out behind compute.
 Nothing here touches CUDA at import time.
 """
+from .config import HiFTConfig
 from .optimizer import HiFTOptimizer, wrap
 
 __version__ = "0.1.0"
-__all__ = ["wrap", "HiFTOptimizer", "__version__"]
+__all__ = ["wrap", "HiFTOptimizer", "HiFTConfig", "__version__"]

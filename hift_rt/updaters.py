@@ -1,85 +1,63 @@
-"""The two ways a group is updated.
+"""The two ways a group is updated, behind one contract (Updater).
 
-FusedUpdater: hift_rt's own kernels over the group's flat buffers; the state of every group is one
-fp32 blob in a StateStore (device slot + pinned host buffers when offloaded).
+FusedUpdater: hift_rt's own kernels (a hift_rt.families Family) over the group's flat buffers.
+TorchClassUpdater: any torch.optim.Optimizer subclass, one instance per group over the group's flat
+tensor (split in two parameters when some elements get no weight decay; fp32 master copies for
+bf16/fp16 models).
 
-TorchClassUpdater: any torch.optim.Optimizer subclass, one instance per group over the group's
-flat tensor (split in two parameters when some elements get no weight decay; fp32 master copies
-for bf16/fp16 models). Its state tensors, created by the optimizer itself, and the masters are
-moved to and from pinned host memory tensor by tensor through the transfer engine.
+Both keep every group's state in a StateStore, so prefetch, eviction, exposed-wait timing and
+checkpoints work the same on both paths. Owns the updaters; may call hift_rt.state_store,
+hift_rt.families (through the Family it is given) and hift_rt.flat (FlatGroup) only.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .state_store import StateStore
+from .families import Family
+from .flat import FlatGroup
+from .state_store import Field, StateStore
+
+ParamState = Optional[Dict[str, object]]  # torch's per-parameter state entry, None if it has none
 
 
-class FusedUpdater:
-    def __init__(self, opt):
-        self.opt = opt
-        self.family = opt.family
-        self.state_names = self.family.state_names(opt.defaults)
-        self.n_buffers = len(self.state_names) + (1 if opt.master_weights else 0)
-        self.store = StateStore([g.numel * self.n_buffers for g in opt.groups], opt.device, opt.engine)
-        # Updates each parameter has had (torch's per-parameter "step"): they differ within a
-        # group only when some parameters went without a gradient on some steps.
-        self.param_steps = [[0] * len(g.params) for g in opt.groups]
-        for g in opt.groups:
-            self.store.write(g.index, self._initial_blob(g))
-        if self.store.offloaded:
-            self.store.load(opt.active_group)
+class Updater(ABC):
+    """How the active group is updated, and where every group's state lives.
 
-    def _initial_blob(self, g) -> torch.Tensor:
-        """State before the first update: zeros (Adagrad: its initial accumulator), and the master
-        as the fp32 value of the weights."""
-        n = g.numel
-        blob = torch.empty(n * self.n_buffers, dtype=torch.float32, device=g.flat.device)
-        for k, value in enumerate(self.family.initial_state(n, g.flat.device, self.opt.defaults).values()):
-            blob[k * n:(k + 1) * n].copy_(value)
-        if self.opt.master_weights:
-            blob[len(self.state_names) * n:].copy_(g.flat)
-        return blob
+    The optimizer calls, for the active group (a FlatGroup, index g):
+      update(group, grad, has_grad, lr=, options=, clip_coef=)  once per step: grad is the group's
+          (numel,) flat gradient, has_grad[i] whether group.params[i] got a gradient (torch skips
+          a None gradient), options the hyperparameters as param_groups holds them now, clip_coef
+          None or a 1-element fp32 device tensor multiplying the gradient (no host sync);
+      switch(g, h)  after g's update, when the rotation moves to group h;
+    and, for checkpoints, group_state(group) -> one ParamState per parameter of the group (torch's
+    keys, e.g. "step", "exp_avg", plus "master") and load_group_state(group, entries), the
+    inverse; state is read and written through the store (any group, active or not).
+    """
 
-    def _split(self, blob: torch.Tensor, n: int):
-        state = {name: blob[k * n:(k + 1) * n] for k, name in enumerate(self.state_names)}
-        master = blob[len(self.state_names) * n:(len(self.state_names) + 1) * n] if self.opt.master_weights else None
-        return state, master
+    def __init__(self, groups: List[FlatGroup], store: StateStore):
+        self.groups = groups
+        self.store = store
 
-    @staticmethod
-    def _runs(g, has_grad, steps):
-        """(start, end, step) element ranges to update: consecutive parameters that have a
-        gradient and the same step count. The usual case is one run over the whole buffer."""
-        runs = []
-        for (_, p), off, updated, step in zip(g.params, g.offsets, has_grad, steps):
-            if not updated:
-                continue
-            if runs and runs[-1][1] == off and runs[-1][2] == step:
-                runs[-1][1] = off + p.numel()
-            else:
-                runs.append([off, off + p.numel(), step])
-        if len(runs) == 1 and runs[0][:2] == [0, g.offsets[-1] + g.params[-1][1].numel()]:
-            runs[0][1] = g.numel  # the zero padding too: one aligned launch
-        return runs
-
-    def update(self, g, grad, has_grad, *, lr, options, clip_coef):
-        if self.store.offloaded:
-            self.store.make_ready(g.index)
-        state, master = self._split(self.store.view(g.index), g.numel)
-        steps = [s + 1 if updated else s for s, updated in zip(self.param_steps[g.index], has_grad)]
-        for start, end, step in self._runs(g, has_grad, steps):
-            part = slice(start, end)
-            self.family.update(g.flat[part], grad[part], {k: v[part] for k, v in state.items()}, step=step,
-                               lr=lr, options=options, decay_end=min(max(g.decay_end - start, 0), end - start),
-                               master=None if master is None else master[part], clip_coef=clip_coef)
-        self.param_steps[g.index] = steps
+    @abstractmethod
+    def update(self, group: FlatGroup, grad: torch.Tensor, has_grad: List[bool], *, lr: float, options: dict,
+               clip_coef: Optional[torch.Tensor]) -> None:
+        ...
 
     def switch(self, g: int, h: int) -> None:
         if self.store.offloaded:
             self.store.switch(g, h)
+
+    @abstractmethod
+    def group_state(self, group: FlatGroup) -> List[ParamState]:
+        ...
+
+    @abstractmethod
+    def load_group_state(self, group: FlatGroup, entries: List[ParamState]) -> None:
+        ...
 
     def memory(self) -> dict:
         return {"state_device": self.store.device_bytes(), "state_host": self.store.host_bytes()}
@@ -87,268 +65,272 @@ class FusedUpdater:
     def exposed_wait_seconds(self) -> float:
         return self.store.exposed_wait_seconds()
 
-    # -- checkpoints -------------------------------------------------------------------------
-    def per_param_state(self) -> Dict[int, dict]:
-        out = {}
-        for g in self.opt.groups:
-            steps = self.param_steps[g.index]
-            if not any(steps):
-                continue
-            state, master = self._split(self.store.read(g.index), g.numel)
-            for (_, p), off, step in zip(g.params, g.offsets, steps):
-                if step == 0:
-                    continue  # never updated: no state, as in torch
-                entry = {}
-                if self.family.has_step:
-                    entry["step"] = torch.tensor(float(step))
-                for name, buf in state.items():
-                    entry[name] = buf[off:off + p.numel()].view(p.shape)
-                if master is not None:
-                    entry["master"] = master[off:off + p.numel()].view(p.shape)
-                if entry:  # plain SGD in fp32 keeps nothing, as in torch
-                    out[self.opt._index[id(p)]] = entry
-        return out
-
-    def load_per_param_state(self, state: dict, hift: Optional[dict]) -> None:
-        for g in self.opt.groups:
-            blob = self._initial_blob(g)
-            bufs, master = self._split(blob, g.numel)
-            steps = []
-            for (name, p), off in zip(g.params, g.offsets):
-                entry = state.get(self.opt._index[id(p)])
-                if entry is None:
-                    steps.append(0)  # never updated: initial state
-                    continue
-                for key, buf in bufs.items():
-                    if key not in entry:
-                        raise ValueError(f"state of parameter '{name}' has no '{key}'")
-                    buf[off:off + p.numel()].copy_(entry[key].reshape(-1))
-                if master is not None and "master" in entry:
-                    master[off:off + p.numel()].copy_(entry["master"].reshape(-1))
-                # SGD keeps no step: a momentum buffer means at least one update.
-                steps.append(int(float(entry["step"])) if "step" in entry else 1)
-            self.param_steps[g.index] = steps
-            self.store.write(g.index, blob)
-
-    def group_steps_from_state(self) -> List[int]:
-        """Per group, the most updates any of its parameters had (a plain torch state dict
-        carries no group count)."""
-        return [max(steps) for steps in self.param_steps]
-
-    def after_load(self, active: int) -> None:
-        if self.store.offloaded:
-            self.store.load(active)
-
-    def extra_state(self) -> dict:
-        return {}
-
     def close(self) -> None:
         self.store.close()
 
 
-Item = Tuple[object, Optional[str]]  # (Parameter, None) or (state dict, key)
+class FusedUpdater(Updater):
+    """Each group's state: the family's fp32 buffers (e.g. exp_avg, exp_avg_sq) and, for bf16/fp16
+    parameters, an fp32 master, each as long as the group's flat buffer; one launch per step."""
+
+    def __init__(self, groups, store, family: Family, options: dict, master_weights: bool, active: int):
+        super().__init__(groups, store)
+        self.family = family
+        self.master_weights = master_weights
+        self.state_names = family.state_names(options)
+        self.wrap_options = options  # the initial state depends on them (Adagrad's accumulator)
+        # Updates each parameter has had (torch's per-parameter "step"): they differ within a
+        # group only when some parameters went without a gradient on some steps.
+        self.param_steps = [[0] * len(group.params) for group in groups]
+        for group in groups:
+            store.define(group.index, self._fields(group), self._initial(group, options))
+        if store.offloaded:
+            store.reserve_slot()
+            store.load(active)
+
+    def _fields(self, group: FlatGroup) -> List[Field]:
+        names = list(self.state_names) + (["master"] if self.master_weights else [])
+        return [Field(name, torch.float32, group.numel) for name in names]
+
+    def _initial(self, group: FlatGroup, options: dict) -> Dict[str, torch.Tensor]:
+        """State before the first update; the master is the fp32 value of the weights."""
+        values = self.family.initial_state(group.numel, group.flat.device, options)
+        if self.master_weights:
+            values["master"] = group.flat.float()
+        return values
+
+    @staticmethod
+    def _runs(group: FlatGroup, has_grad: List[bool], steps: List[int]) -> List[List[int]]:
+        """[start, end, step] element ranges to update: runs of consecutive parameters that have a
+        gradient and the same step count (with the zero alignment gaps between them, which stay
+        zero). The usual case is one run over the whole buffer."""
+        runs: List[List[int]] = []
+        for i, (_, _, off, n) in enumerate(group.slices()):
+            if not has_grad[i]:
+                continue
+            if runs and has_grad[i - 1] and steps[i - 1] == steps[i]:  # parameter i - 1 ends the last run
+                runs[-1][1] = off + n
+            else:
+                runs.append([off, off + n, steps[i]])
+        if len(runs) == 1 and all(has_grad):
+            runs[0][1] = group.numel  # the trailing gap too: one aligned launch over the whole buffer
+        return runs
+
+    def update(self, group, grad, has_grad, *, lr, options, clip_coef):
+        if self.store.offloaded:
+            self.store.make_ready(group.index)
+        views = self.store.views(group.index)
+        master = views.get("master")
+        steps = [s + 1 if h else s for s, h in zip(self.param_steps[group.index], has_grad)]
+        for start, end, step in self._runs(group, has_grad, steps):
+            part = slice(start, end)
+            self.family.update(group.flat[part], grad[part], {k: views[k][part] for k in self.state_names},
+                               step=step, lr=lr, options=options,
+                               decay_end=min(max(group.decay_end - start, 0), end - start),
+                               master=None if master is None else master[part], clip_coef=clip_coef)
+        self.param_steps[group.index] = steps
+
+    def group_state(self, group):
+        steps = self.param_steps[group.index]
+        if not any(steps):
+            return [None] * len(group.params)
+        fields = self.store.read(group.index)
+        entries: List[ParamState] = []
+        for (_, p, off, n), step in zip(group.slices(), steps):
+            entry: Dict[str, object] = {}
+            if step and self.family.has_step:
+                entry["step"] = torch.tensor(float(step))
+            if step:
+                entry.update({name: buf[off:off + n].view(p.shape) for name, buf in fields.items()})
+            # Never updated: no state, as in torch; plain SGD in fp32 keeps nothing either.
+            entries.append(entry or None)
+        return entries
+
+    def load_group_state(self, group, entries):
+        values = self._initial(group, self.wrap_options)
+        steps = []
+        for (name, p, off, n), entry in zip(group.slices(), entries):
+            if entry is None:
+                steps.append(0)  # never updated: initial state
+                continue
+            for key, buf in values.items():
+                if key in entry:
+                    buf[off:off + n].copy_(torch.as_tensor(entry[key]).reshape(-1))
+                elif key != "master":
+                    raise ValueError(f"state of parameter '{name}' has no '{key}'")
+            # SGD keeps no step: a momentum buffer means at least one update.
+            steps.append(int(float(entry["step"])) if "step" in entry else 1)
+        self.param_steps[group.index] = steps
+        self.store.write(group.index, values)
 
 
-class TorchClassUpdater:
-    def __init__(self, opt, options: dict):
-        self.opt = opt
-        self.device = opt.device
-        self.engine = opt.engine
+class TorchClassUpdater(Updater):
+    """One `torch_class` instance per group. Its state tensors (those shaped like its parameters)
+    and the fp32 masters live in the store: while the group is active they are views of the device
+    slot, otherwise of the group's host buffer; the optimizer's scalars (e.g. "step") stay where
+    it keeps them. A group's fields are defined at wrap (masters) and again after its first step,
+    when the optimizer has created its state. This path keeps whole-group residency."""
+
+    def __init__(self, groups, store, torch_class: type, options: dict, master_weights: bool, split_decay: bool,
+                 optim_name: str, lr: float, active: int):
+        super().__init__(groups, store)
+        self.master_weights = master_weights
         self.inner: List[torch.optim.Optimizer] = []
-        self.params: List[List[nn.Parameter]] = []
+        self.params: List[List[nn.Parameter]] = []  # per group, one per range
         self.ranges: List[List[Tuple[int, int]]] = []
         self.no_decay_group: List[Optional[int]] = []
-        self._hosts: Dict[int, object] = {}     # group -> HostBuffer holding its evicted tensors
-        self._pending: Dict[int, List[int]] = {}
-        for g in opt.groups:
-            ranges = [(0, g.decay_end), (g.decay_end, g.numel)] if opt.no_decay else [(0, g.numel)]
+        for group in groups:
+            ranges = [(0, group.decay_end), (group.decay_end, group.numel)] if split_decay else [(0, group.numel)]
             ranges = [r for r in ranges if r[1] > r[0]]
-            params = []
-            for lo, hi in ranges:
-                data = g.flat[lo:hi].float() if opt.master_weights else g.flat[lo:hi]
-                params.append(nn.Parameter(data))
-            specs = [{"params": [p]} for p in params]
+            params = [nn.Parameter(group.flat[lo:hi].float() if master_weights else group.flat[lo:hi])
+                      for lo, hi in ranges]
             try:
-                inner = opt.torch_class(specs, lr=opt.defaults["lr"], **options)
-            except TypeError as exc:
-                raise ValueError(f"optim={opt.optim_name}: {exc}") from exc
+                inner = torch_class([{"params": [p]} for p in params], lr=lr, **options)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"optim={optim_name}: {exc}") from exc
             nd = None
-            if opt.no_decay and g.decay_end < g.numel:
+            if split_decay and group.decay_end < group.numel:
                 if "weight_decay" not in inner.defaults:
-                    raise ValueError(f"no_decay needs an optimizer with a weight_decay option; {opt.optim_name} has none")
+                    raise ValueError(f"no_decay needs an optimizer with a weight_decay option; {optim_name} has none")
                 nd = len(ranges) - 1
                 inner.param_groups[nd]["weight_decay"] = 0.0
             self.inner.append(inner)
             self.params.append(params)
             self.ranges.append(ranges)
             self.no_decay_group.append(nd)
-            if self.engine is not None and g.index != opt.active_group:
-                self._place(g.index, on_device=False)
-        if self.engine is not None:
-            self.engine.synchronize()
+        for group in groups:
+            self._redefine(group.index)
+        if store.offloaded:
+            store.reserve_slot()
+            store.load(active)
+        for group in groups:
+            self._bind(group.index)
 
     # -- residency ---------------------------------------------------------------------------
-    def _items(self, gi: int) -> List[Item]:
-        """The tensors that follow the group between device and host: fp32 masters and every
-        state tensor the optimizer keeps (scalars such as `step` stay where they are)."""
-        items: List[Item] = []
-        if self.opt.master_weights:
-            items += [(p, None) for p in self.params[gi]]
-        state = self.inner[gi].state
-        for p in self.params[gi]:
-            entries = state.get(p, {})
-            items += [(entries, key) for key, v in entries.items() if torch.is_tensor(v) and v.numel() > 1]
-        return items
+    def _tensors(self, g: int) -> Dict[str, torch.Tensor]:
+        """The group's tensors that belong in the store, by field name: "master.i" for range i's
+        fp32 master, "i.key" for each state tensor of range i shaped like its parameter."""
+        out: Dict[str, torch.Tensor] = {}
+        if self.master_weights:
+            out.update({f"master.{i}": p.data for i, p in enumerate(self.params[g])})
+        for i, p in enumerate(self.params[g]):
+            for key, value in self.inner[g].state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.dim() > 0:
+                    out[f"{i}.{key}"] = value
+        return out
 
-    @staticmethod
-    def _get(item: Item) -> torch.Tensor:
-        obj, key = item
-        return obj.data if key is None else obj[key]
+    def _redefine(self, g: int) -> None:
+        """(Re)define the group's fields from the tensors its optimizer holds now."""
+        tensors = self._tensors(g)
+        self.store.define(g, [Field(name, t.dtype, t.numel()) for name, t in tensors.items()], tensors)
 
-    @staticmethod
-    def _set(item: Item, t: torch.Tensor) -> None:
-        obj, key = item
-        if key is None:
-            obj.data = t  # the Parameter object stays: the optimizer's state is keyed by it
-        else:
-            obj[key] = t
-
-    def _host_buffer(self, gi: int, nbytes: int):
-        buf = self._hosts.get(gi)
-        if buf is None or buf.nbytes < nbytes:
-            if buf is not None:
-                buf.free()  # waits for transfers that still touch it
-            buf = self.engine.alloc_host(nbytes)
-            self._hosts[gi] = buf
-        return buf
-
-    def _place(self, gi: int, on_device: bool) -> None:
-        """Move group gi's tensors to the device (prefetch) or into its host buffer (evict),
-        through the engine when they come from or go to that buffer."""
-        items = self._items(gi)
-        if on_device:
-            tickets = []
-            for item in items:
-                t = self._get(item)
-                if self._in_host_buffer(gi, t):
-                    dev = torch.empty(t.shape, dtype=t.dtype, device=self.device)
-                    tickets.append(self.engine.h2d(dev.view(-1), t.view(-1)))
-                    self._set(item, dev)
-                elif t.device != self.device:
-                    self._set(item, t.to(self.device))
-            self._pending[gi] = tickets
-            return
-        tensors = [self._get(it) for it in items]
-        if all(self._in_host_buffer(gi, t) for t in tensors):
-            return
-        sizes = [(t.numel() * t.element_size() + 63) // 64 * 64 for t in tensors]  # 64-byte aligned
-        host = self._host_buffer(gi, max(sum(sizes), 1))
-        offset = 0
-        for item, t, size in zip(items, tensors, sizes):
-            view = host.view(t.dtype, offset, t.numel())
-            if t.device == self.device:
-                self.engine.d2h(view, t.reshape(-1))  # after the update queued on the compute stream
+    def _bind(self, g: int) -> None:
+        """Point the group's optimizer at its fields: device views while it is active (or always,
+        without offload), host views otherwise."""
+        on_device = not self.store.offloaded or g == self.store.resident
+        views = self.store.views(g) if on_device else self.store.host_views(g)
+        for name, view in views.items():
+            head, _, tail = name.partition(".")
+            if head == "master":
+                p = self.params[g][int(tail)]
+                p.data = view.view(p.shape)
             else:
-                view.copy_(t.reshape(-1))
-            self._set(item, view.view(t.shape))
-            offset += size
-        self._pending.pop(gi, None)
+                p = self.params[g][int(head)]
+                self.inner[g].state[p][tail] = view.view(p.shape)
 
-    def _in_host_buffer(self, gi: int, t: torch.Tensor) -> bool:
-        buf = self._hosts.get(gi)
-        return (buf is not None and t.device.type == "cpu"
-                and buf.ptr <= t.data_ptr() < buf.ptr + buf.nbytes)
-
-    def _make_ready(self, gi: int) -> None:
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        for ticket in self._pending.pop(gi, []):
-            self.engine.wait(ticket, stream)
-
-    def exposed_wait_seconds(self) -> float:
-        return float("nan")  # not measured on this path
+    def switch(self, g, h):
+        super().switch(g, h)
+        if self.store.offloaded:
+            self._bind(g)
+            self._bind(h)
 
     # -- the step ----------------------------------------------------------------------------
-    def update(self, g, grad, has_grad, *, lr, options, clip_coef):
-        gi = g.index
-        if self.engine is not None:
-            self._make_ready(gi)
+    def update(self, group, grad, has_grad, *, lr, options, clip_coef):
+        g = group.index
+        if self.store.offloaded:
+            self.store.make_ready(g)
         if clip_coef is not None:
             grad.mul_(clip_coef)  # the flat gradient is dropped after this step anyway
-        inner = self.inner[gi]
-        updated = [off for (_, p), off, h in zip(g.params, g.offsets, has_grad) if h]
-        for p, (lo, hi) in zip(self.params[gi], self.ranges[gi]):
+        inner = self.inner[g]
+        updated = [off for (_, _, off, _), h in zip(group.slices(), has_grad) if h]
+        for p, (lo, hi) in zip(self.params[g], self.ranges[g]):
             # The optimizer sees one tensor per range: it skips a range without any gradient;
             # within a range, parameters without one take part with a zero gradient.
             if not any(lo <= off < hi for off in updated):
                 p.grad = None
                 continue
-            p.grad = grad[lo:hi].float() if self.opt.master_weights else grad[lo:hi]
+            p.grad = grad[lo:hi].float() if self.master_weights else grad[lo:hi]
         for i, pg in enumerate(inner.param_groups):
             pg["lr"] = lr
             for key, value in options.items():
-                if key in pg and not (key == "weight_decay" and i == self.no_decay_group[gi]):
+                if key in pg and not (key == "weight_decay" and i == self.no_decay_group[g]):
                     pg[key] = value
         inner.step()
-        for p, (lo, hi) in zip(self.params[gi], self.ranges[gi]):
-            if self.opt.master_weights and p.grad is not None:
-                g.flat[lo:hi].copy_(p.data)
+        self._keep_in_store(g)
+        for p, (lo, hi) in zip(self.params[g], self.ranges[g]):
+            if self.master_weights and p.grad is not None:
+                group.flat[lo:hi].copy_(p.data)
             p.grad = None
 
-    def switch(self, g: int, h: int) -> None:
-        if self.engine is not None:
-            self._place(g, on_device=False)
-            self._place(h, on_device=True)
-
-    def memory(self) -> dict:
-        on_device = sum(self._get(it).numel() * self._get(it).element_size()
-                        for gi in range(len(self.inner)) for it in self._items(gi)
-                        if self._get(it).device == self.device and self.device.type != "cpu")
-        return {"state_device": on_device, "state_host": sum(b.nbytes for b in self._hosts.values())}
+    def _keep_in_store(self, g: int) -> None:
+        """After a step: state the optimizer created moves into the store (the group's fields are
+        redefined); state it replaced rather than updated in place is copied back into its field."""
+        tensors = self._tensors(g)
+        if [(n, t.dtype, t.numel()) for n, t in tensors.items()] != \
+                [(f.name, f.dtype, f.numel) for f in self.store.fields(g)]:
+            self._redefine(g)
+        else:
+            for name, view in self.store.views(g).items():
+                if tensors[name].data_ptr() != view.data_ptr():
+                    view.copy_(tensors[name].reshape(-1))
+        self._bind(g)
 
     # -- checkpoints -------------------------------------------------------------------------
-    def per_param_state(self) -> dict:
-        return {}  # the per-group optimizers' own state dicts travel in extra_state()
+    def group_state(self, group):
+        g = group.index
+        fields = self.store.read(g)
+        entries: List[ParamState] = []
+        for _, p, off, n in group.slices():
+            i, (lo, _) = next((i, r) for i, r in enumerate(self.ranges[g]) if r[0] <= off < r[1])
+            inner_state = self.inner[g].state.get(self.params[g][i], {})
+            if not inner_state:
+                entries.append(None)
+                continue
+            entry: Dict[str, object] = {}
+            for key, value in inner_state.items():
+                field = fields.get(f"{i}.{key}")
+                if field is not None:
+                    entry[key] = field[off - lo:off - lo + n].view(p.shape)
+                else:
+                    entry[key] = value.clone() if torch.is_tensor(value) else value
+            if self.master_weights:
+                entry["master"] = fields[f"master.{i}"][off - lo:off - lo + n].view(p.shape)
+            entries.append(entry)
+        return entries
 
-    @staticmethod
-    def _to_cpu(obj):
-        if torch.is_tensor(obj):
-            return obj.detach().to("cpu", copy=True)
-        if isinstance(obj, dict):
-            return {k: TorchClassUpdater._to_cpu(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(TorchClassUpdater._to_cpu(v) for v in obj)
-        return obj
-
-    def extra_state(self) -> dict:
-        if self.engine is not None:
-            self.engine.synchronize()  # evicted tensors are read on the host below
-        return {"inner": [self._to_cpu(o.state_dict()) for o in self.inner],
-                "masters": [[self._to_cpu(p.data) for p in ps] for ps in self.params] if self.opt.master_weights else None}
-
-    def load_per_param_state(self, state: dict, hift: Optional[dict]) -> None:
-        if hift is None:
-            raise ValueError(f"optim={self.opt.optim_name}: only a HiFTOptimizer state dict can be loaded")
-        extra = hift["updater"]
-        for gi, inner in enumerate(self.inner):
-            self._place(gi, on_device=True)
-            if self.engine is not None:
-                self.engine.synchronize()
-            inner.load_state_dict(extra["inner"][gi])
-            if self.opt.master_weights:
-                for p, saved in zip(self.params[gi], extra["masters"][gi]):
-                    p.data.copy_(saved)
-            if self.engine is not None:
-                self._place(gi, on_device=False)
-                self.engine.synchronize()
-
-    def group_steps_from_state(self) -> List[int]:
-        raise AssertionError("unreachable: load_per_param_state refuses state dicts without 'hift'")
-
-    def after_load(self, active: int) -> None:
-        if self.engine is not None:
-            self._place(active, on_device=True)
-
-    def close(self) -> None:
-        for buf in self._hosts.values():
-            buf.free()
-        self._hosts = {}
+    def load_group_state(self, group, entries):
+        g = group.index
+        ranges = self.ranges[g]
+        states: List[Dict[str, object]] = [{} for _ in ranges]
+        masters = [group.flat[lo:hi].float() for lo, hi in ranges]
+        for (_, q, off, n), entry in zip(group.slices(), entries):
+            if entry is None:
+                continue
+            i = next(i for i, (lo, hi) in enumerate(ranges) if lo <= off < hi)
+            lo, hi = ranges[i]
+            for key, value in entry.items():
+                if key == "master":
+                    masters[i][off - lo:off - lo + n].copy_(torch.as_tensor(value).reshape(-1))
+                elif torch.is_tensor(value) and value.dim() > 0 and value.shape == q.shape:
+                    full = states[i].setdefault(key, torch.zeros(hi - lo, dtype=value.dtype, device=group.flat.device))
+                    full[off - lo:off - lo + n].copy_(value.reshape(-1))
+                else:  # a scalar of the range ("step", ...): the same in each of its parameters
+                    states[i].setdefault(key, value.clone() if torch.is_tensor(value) else value)
+        for p, master, state in zip(self.params[g], masters, states):
+            if self.master_weights:
+                p.data = master
+            self.inner[g].state.pop(p, None)
+            if state:
+                self.inner[g].state[p] = state
+        self._redefine(g)
+        self._bind(g)

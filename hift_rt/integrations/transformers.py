@@ -23,7 +23,8 @@ from typing import Iterable, Optional
 
 from transformers import Trainer, TrainingArguments
 
-from ..optimizer import HiFTOptimizer, wrap
+from ..config import HiFTConfig
+from ..optimizer import HiFTOptimizer
 
 _RESERVED = ("lr", "no_decay", "max_grad_norm")
 
@@ -49,7 +50,8 @@ def hift_optimizer(model, args: TrainingArguments, decay_names: Optional[Iterabl
     if isinstance(optim, str):
         hyper["weight_decay"] = args.weight_decay
     hyper.update(hift_args)
-    return wrap(model, optim, lr=args.learning_rate, no_decay=lambda name: name not in decay, **hyper)
+    config = HiFTConfig.from_arguments(optim, lr=args.learning_rate, no_decay=lambda name: name not in decay, **hyper)
+    return HiFTOptimizer(model, config)
 
 
 class HiFTTrainer(Trainer):

@@ -1,0 +1,127 @@
+"""HiFTConfig: everything `hift_rt.wrap` takes, validated once, in one object that `wrap`, the
+optimizer and the Hugging Face Trainer integration share.
+
+Owns the argument checks, the resolution of `optim=` (a fused family from hift_rt.families or a
+torch.optim.Optimizer subclass) and the dtype/offload policy; may call hift_rt.families and
+hift_rt.rotation (for the strategy names) only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .families import FAMILIES, Family
+from .rotation import STRATEGIES
+
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LR_POLICIES = ("cycle", "step")
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _name_matcher(no_decay) -> Optional[Callable[[str], bool]]:
+    """`no_decay` as a function name -> bool: None, a function, or name substrings."""
+    if no_decay is None or callable(no_decay):
+        return no_decay
+    if isinstance(no_decay, str):
+        no_decay = (no_decay,)
+    if not isinstance(no_decay, (list, tuple, set, frozenset)) or not all(isinstance(s, str) for s in no_decay):
+        raise TypeError(f"no_decay must be None, a function name -> bool, or parameter-name substrings "
+                        f"(a string or a list of strings), got {no_decay!r}")
+    substrings = tuple(no_decay)
+    return lambda name: any(s in name for s in substrings)
+
+
+@dataclass
+class HiFTConfig:
+    """The settings of one HiFT set-up; see `hift_rt.wrap` for what each means.
+
+    `hyperparameters` are the optimizer's own options (torch's names); after construction
+    `family` (fused) or `torch_class`, `options` (validated hyperparameters) and `optim_name` say
+    what runs, and `no_decay` is a function name -> bool (or None).
+    """
+    lr: float
+    optim: Union[str, type] = "adamw"
+    strategy: str = "bottom_up"
+    units_per_group: int = 1
+    groups: Optional[Sequence[Sequence[str]]] = None
+    offload: Union[str, bool] = "auto"
+    lr_policy: str = "cycle"
+    max_grad_norm: Optional[float] = None
+    no_decay: Union[None, str, Sequence[str], Callable[[str], bool]] = None
+    master_weights: Union[str, bool] = "auto"
+    seed: int = 0
+    hyperparameters: dict = field(default_factory=dict)
+
+    family: Optional[Family] = field(init=False, default=None)
+    torch_class: Optional[type] = field(init=False, default=None)
+    options: dict = field(init=False, default_factory=dict)
+    optim_name: str = field(init=False, default="")
+
+    @classmethod
+    def from_arguments(cls, optim: Union[str, type] = "adamw", **arguments) -> "HiFTConfig":
+        """wrap()'s arguments: the config's fields by name, every other keyword an optimizer
+        hyperparameter."""
+        names = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "hyperparameters"}
+        if "lr" not in arguments:
+            raise TypeError("hift_rt.wrap needs lr=")
+        known = {k: v for k, v in arguments.items() if k in names}
+        return cls(optim=optim, hyperparameters={k: v for k, v in arguments.items() if k not in names}, **known)
+
+    def __post_init__(self):
+        if not _finite_number(self.lr) or self.lr < 0:
+            raise ValueError(f"lr must be a finite number >= 0, got {self.lr!r}")
+        self.lr = float(self.lr)
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.lr_policy not in LR_POLICIES:
+            raise ValueError(f"lr_policy must be 'cycle' or 'step', got {self.lr_policy!r}")
+        if self.offload not in ("auto", True, False):
+            raise ValueError(f"offload must be 'auto', True or False, got {self.offload!r}")
+        if self.master_weights not in ("auto", True, False):
+            raise ValueError(f"master_weights must be 'auto', True or False, got {self.master_weights!r}")
+        if self.max_grad_norm is not None and not (_finite_number(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {self.max_grad_norm!r}")
+        if isinstance(self.units_per_group, bool) or not isinstance(self.units_per_group, int) or self.units_per_group < 1:
+            raise ValueError(f"units_per_group must be a positive int, got {self.units_per_group!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -2 ** 63 <= self.seed < 2 ** 64:
+            raise ValueError(f"seed must be an int in [-2**63, 2**64), got {self.seed!r}")
+        self.no_decay = _name_matcher(self.no_decay)
+        self._resolve_optim()
+
+    def _resolve_optim(self) -> None:
+        from .optimizer import HiFTOptimizer  # here: the optimizer module imports this one
+
+        optim = self.optim
+        if isinstance(optim, str) and optim in FAMILIES:
+            self.family = FAMILIES[optim]
+            self.options = self.family.options(self.hyperparameters)
+            self.optim_name = optim
+        elif isinstance(optim, type) and issubclass(optim, torch.optim.Optimizer) and not issubclass(optim, HiFTOptimizer):
+            self.torch_class = optim
+            self.options = dict(self.hyperparameters)
+            self.optim_name = f"{optim.__module__}.{optim.__qualname__}"
+        else:
+            raise ValueError(f"unknown optim {optim!r}: expected one of {sorted(FAMILIES)} "
+                             "or a torch.optim.Optimizer subclass")
+
+    def memory_policy(self, device: torch.device, dtype: torch.dtype) -> Tuple[bool, bool]:
+        """(master_weights, offload) for parameters of `dtype` on `device`."""
+        if not dtype.is_floating_point:
+            raise ValueError(f"parameters are {dtype}; only floating-point parameters can be trained")
+        if self.family is not None and dtype not in FUSED_DTYPES:
+            raise ValueError(f"parameters are {dtype}; the fused kernels take float32, bfloat16 or float16")
+        master = self.master_weights
+        if master == "auto":
+            master = dtype != torch.float32
+        elif master and dtype == torch.float32:
+            raise ValueError("master_weights=True needs bfloat16 or float16 parameters; "
+                             "float32 parameters are their own master")
+        offload = device.type == "cuda" if self.offload == "auto" else self.offload
+        return bool(master), bool(offload)
