@@ -17,7 +17,11 @@ lr_policy="cycle" every step of a cycle uses the value it held at the cycle's fi
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import math
+import signal
+import threading
 import weakref
 from typing import List, Optional, Union
 
@@ -26,6 +30,7 @@ from torch import nn
 
 from . import grouping
 from .config import HiFTConfig
+from .families import check_options
 from .engine import TransferEngine
 from .flat import FlatGroup, rehome
 from .gradients import GradientBuffer
@@ -54,6 +59,39 @@ def _claim(params, optimizer) -> None:
         p._hift_rt_owner = weakref.ref(optimizer)
 
 
+class _AtomicSection:
+    """Makes a block run entirely or not at all, as seen from outside:
+
+    - Ctrl-C (SIGINT) arriving inside it is held and raised as KeyboardInterrupt after it, so a
+      step is never left half-done (a frozen active group, a half-swapped state). Only in the main
+      thread with Python's default handler installed (signal.signal works nowhere else); a
+      user's own SIGINT handler is left alone.
+    - A second thread entering any section of the same optimizer gets a RuntimeError at once
+      instead of corrupting the first one's step; the optimizer stays usable.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def __call__(self, what: str):
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(f"HiFTOptimizer.{what}() called while another thread is inside this optimizer; "
+                               "drive one optimizer from one thread")
+        held, previous = [], None
+        try:
+            if threading.current_thread() is threading.main_thread() and \
+                    signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+            yield
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            self._lock.release()
+        if held:
+            raise KeyboardInterrupt
+
+
 class HiFTOptimizer(torch.optim.Optimizer):
     """Hierarchical full-parameter fine-tuning of `model` as `config` says; see `hift_rt.wrap`."""
 
@@ -63,11 +101,13 @@ class HiFTOptimizer(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, config: HiFTConfig):
         self._closed = True  # until fully built: close() and other wraps ignore a half-built one
+        self._atomic = _AtomicSection()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(config, HiFTConfig):
             raise TypeError("HiFTOptimizer(model, config) takes a HiFTConfig; use hift_rt.wrap(model, ...)")
         self.config = config
+        _thaw_copy(model)
         if config.groups is not None:
             cut = grouping.groups_from_prefixes(model, config.groups)
         else:
@@ -103,6 +143,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
         for _, p in named:
             p.requires_grad_(False)
         self._activate(self._rotation.active)
+        # Marks the model (a deep copy carries the mark): see _thaw_copy.
+        model._hift_rt_managed = frozenset(name for name, _ in named)
+        self._model_ref = weakref.ref(model)
         self._closed = False
 
     def _make_updater(self) -> Updater:
@@ -166,7 +209,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
         (so autograd keeps accumulating in place) whatever `set_to_none` says, and a parameter
         that gets no gradient before the next step() is skipped by it as if its .grad were None;
         the other groups' parameters have no gradient."""
-        self._gradients.zero(self.groups[self._rotation.active])
+        with self._atomic("zero_grad"):
+            self._gradients.zero(self.groups[self._rotation.active])
 
     # -- the step ----------------------------------------------------------------------------
     def _lr(self) -> float:
@@ -192,6 +236,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         inf/NaN gradients changes nothing (no update, no rotation). Reading found_inf costs one
         host sync, as GradScaler itself spends for any optimizer: whether the group rotates is a
         host-side decision. Without a scaler step() never synchronizes the host in steady state.
+        A Ctrl-C during step() takes effect when it returns: a step happens entirely or not at all.
         """
         if self._closed:
             raise RuntimeError("this HiFTOptimizer was closed")
@@ -199,16 +244,21 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with self._atomic("step"):
+            self._step()
+        return loss
+
+    def _step(self) -> None:
         found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
         if found_inf is not None and bool(found_inf.item()):
-            return loss
+            return
         group = self.groups[self._rotation.active]
         group.check_not_moved(self.device, self.dtype)
         grad, has_grad = self._gradients.collect(group)
         if not any(has_grad):  # nothing to update, as in torch; the rotation goes on
             self._advance()
-            return loss
+            return
         coef = None
         if grad_scale is not None:
             coef = grad_scale.double().reciprocal().float().reshape(1)
@@ -221,7 +271,6 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._updater.update(group, grad, has_grad, lr=self._lr(), options=self._options(), clip_coef=coef)
         self._steps[group.index] += 1
         self._advance()
-        return loss
 
     def _advance(self) -> None:
         g = self._rotation.active
@@ -243,67 +292,99 @@ class HiFTOptimizer(torch.optim.Optimizer):
         """
         if self._closed:
             raise RuntimeError("this HiFTOptimizer was closed; take state_dict() before close()")
-        state = {}
-        for group in self.groups:
-            for (_, p), entry in zip(group.params, self._updater.group_state(group)):
-                if entry:
-                    state[self._index[id(p)]] = entry
-        saved = {k: v for k, v in self.param_groups[0].items() if k != "params"}
-        saved["params"] = list(range(len(self._index)))
-        return {
-            "state": state,
-            "param_groups": [saved],
-            "hift": {
-                "version": STATE_DICT_VERSION,
-                "optim": self.config.optim_name,
-                "master_weights": self.master_weights,
-                "groups": [[n for n, _ in group.params] for group in self.groups],
-                "group_steps": list(self._steps),
-                "rotation": self._rotation.state_dict(),
-                "cycle_lr": self._cycle_lr,
-                "cycle_lr_of": self._cycle_lr_of,
-            },
-        }
+        with self._atomic("state_dict"):
+            state = {}
+            for group in self.groups:
+                for (_, p), entry in zip(group.params, self._updater.group_state(group)):
+                    if entry:
+                        state[self._index[id(p)]] = entry
+            saved = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+            saved["params"] = list(range(len(self._index)))
+            return {
+                "state": state,
+                "param_groups": [saved],
+                "hift": {
+                    "version": STATE_DICT_VERSION,
+                    "optim": self.config.optim_name,
+                    "master_weights": self.master_weights,
+                    "groups": [[n for n, _ in group.params] for group in self.groups],
+                    "group_steps": list(self._steps),
+                    "rotation": self._rotation.state_dict(),
+                    "cycle_lr": self._cycle_lr,
+                    "cycle_lr_of": self._cycle_lr_of,
+                },
+            }
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a state_dict() of a HiFTOptimizer over the same model layout (any step,
         mid-cycle included). A plain torch.optim state dict of the same optimizer over the same
         parameters (e.g. from torch.optim.AdamW) is accepted too: state and steps are taken,
-        the rotation starts afresh."""
+        the rotation starts afresh.
+
+        Everything is checked before anything changes: a state dict that does not fit, or whose
+        values cannot be valid (non-finite, a negative second moment, a rotation out of range),
+        raises ValueError naming the problem and leaves the optimizer as it was.
+        """
         if self._closed:
             raise RuntimeError("this HiFTOptimizer was closed")
-        hift = state_dict.get("hift")
-        if hift is not None:
-            if hift.get("version") != STATE_DICT_VERSION:
-                raise ValueError(f"state dict version {hift.get('version')} is not {STATE_DICT_VERSION}")
-            if hift["optim"] != self.config.optim_name:
-                raise ValueError(f"state dict is for optim {hift['optim']!r}, this optimizer runs "
-                                 f"{self.config.optim_name!r}")
-            if hift["groups"] != [[n for n, _ in group.params] for group in self.groups]:
-                raise ValueError("state dict was saved with another group layout (parameter names per group differ)")
+        with self._atomic("load_state_dict"):
+            plan = self._check_state_dict(state_dict)
+            old = self._rotation.active
+            for group, entries in zip(self.groups, plan["entries"]):
+                self._updater.load_group_state(group, entries)
+            self.param_groups[0].update(plan["param_group"])
+            self._steps = plan["steps"]
+            self._rotation = plan["rotation"]
+            self._cycle_lr, self._cycle_lr_of = plan["cycle_lr"]
+            new = self._rotation.active
+            if new != old:
+                self._gradients.deactivate(self.groups[old])
+                self._updater.switch(old, new)
+            self._activate(new)
+
+    def _check_state_dict(self, state_dict) -> dict:
+        """Everything load_state_dict will apply, checked: ValueError for anything that does not fit."""
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) \
+                or not isinstance(state_dict.get("param_groups"), list):
+            raise ValueError("not an optimizer state dict (expected a dict with 'state' and 'param_groups')")
+        k = len(self.groups)
         saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != 1 or len(saved_groups[0]["params"]) != len(self._index):
-            raise ValueError(f"state dict has {sum(len(pg['params']) for pg in saved_groups)} parameters in "
-                             f"{len(saved_groups)} group(s); this optimizer has {len(self._index)} in 1")
-        old = self._rotation.active
-        entries = state_dict["state"]
-        for group in self.groups:
-            self._updater.load_group_state(group, [entries.get(self._index[id(p)]) for _, p in group.params])
-        for key, value in saved_groups[0].items():
-            if key != "params":
-                self.param_groups[0][key] = value
-        if hift is not None:
-            self._steps = [int(s) for s in hift["group_steps"]]
-            self._rotation.load_state_dict(hift["rotation"])
-            self._cycle_lr, self._cycle_lr_of = hift["cycle_lr"], hift["cycle_lr_of"]
-        else:
-            self._steps = [max(_updates(entries.get(self._index[id(p)])) for _, p in group.params)
-                           for group in self.groups]
-        new = self._rotation.active
-        if new != old:
-            self._gradients.deactivate(self.groups[old])
-            self._updater.switch(old, new)
-        self._activate(new)
+        if len(saved_groups) != 1 or len(saved_groups[0].get("params", ())) != len(self._index):
+            raise ValueError(f"state dict has {sum(len(pg.get('params', ())) for pg in saved_groups)} parameters "
+                             f"in {len(saved_groups)} group(s); this optimizer has {len(self._index)} in 1")
+        param_group = {key: value for key, value in saved_groups[0].items() if key != "params"}
+        lr = param_group.get("lr", self.param_groups[0]["lr"])
+        if not (torch.is_tensor(lr) or isinstance(lr, (int, float))) or not 0 <= float(lr) < math.inf:
+            raise ValueError(f"state dict has lr {lr!r}; expected a finite number >= 0")
+        if self.config.family is not None:
+            check_options(self.config.family.name, {**self._options(), **param_group})
+        entries = [[state_dict["state"].get(self._index[id(p)]) for _, p in group.params] for group in self.groups]
+        for group, group_entries in zip(self.groups, entries):
+            self._updater.check_group_state(group, group_entries)
+        hift = state_dict.get("hift")
+        if hift is None:  # a plain torch state dict: steps from the entries, a fresh rotation
+            steps = [max(_updates(e) for e in group_entries) for group_entries in entries]
+            return {"entries": entries, "param_group": param_group, "steps": steps,
+                    "rotation": Rotation(k, self.config.strategy, self.config.seed), "cycle_lr": (None, None)}
+        if hift.get("version") != STATE_DICT_VERSION:
+            raise ValueError(f"state dict version {hift.get('version')} is not {STATE_DICT_VERSION}")
+        if hift.get("optim") != self.config.optim_name:
+            raise ValueError(f"state dict is for optim {hift.get('optim')!r}, this optimizer runs "
+                             f"{self.config.optim_name!r}")
+        if hift.get("groups") != [[n for n, _ in group.params] for group in self.groups]:
+            raise ValueError("state dict was saved with another group layout (parameter names per group differ)")
+        steps = hift.get("group_steps")
+        if not isinstance(steps, (list, tuple)) or len(steps) != k or \
+                not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps):
+            raise ValueError(f"state dict's group_steps {steps!r} is not {k} counts >= 0")
+        rotation = Rotation(k, self.config.strategy, self.config.seed)
+        rotation.load_state_dict(hift.get("rotation"))
+        cycle_lr, cycle_lr_of = hift.get("cycle_lr"), hift.get("cycle_lr_of")
+        if (cycle_lr is None) != (cycle_lr_of is None) or cycle_lr is not None and not (
+                isinstance(cycle_lr, (int, float)) and 0 <= cycle_lr < math.inf and isinstance(cycle_lr_of, int)):
+            raise ValueError(f"state dict's cycle lr {cycle_lr!r} (of cycle {cycle_lr_of!r}) is not valid")
+        return {"entries": entries, "param_group": param_group, "steps": list(steps), "rotation": rotation,
+                "cycle_lr": (cycle_lr, cycle_lr_of)}
 
     def close(self) -> None:
         """Free the pinned host memory and the transfer engine, and hand the model back: every
@@ -311,17 +392,29 @@ class HiFTOptimizer(torch.optim.Optimizer):
         views of the flat buffers, which live as long as the parameters)."""
         if getattr(self, "_closed", True):
             return
-        self._closed = True
-        self._gradients.detach()
-        for group in self.groups:
-            for _, p in group.params:
-                p.grad = None
-                p.requires_grad_(True)
-                if getattr(p, "_hift_rt_owner", None) is not None and p._hift_rt_owner() is self:
-                    del p._hift_rt_owner
-        self._updater.close()
-        if self.engine is not None:
-            self.engine.close()
+        with self._atomic("close"):
+            self._closed = True
+            self._gradients.detach()
+            for group in self.groups:
+                for _, p in group.params:
+                    p.grad = None
+                    p.requires_grad_(True)
+                    if getattr(p, "_hift_rt_owner", None) is not None and p._hift_rt_owner() is self:
+                        del p._hift_rt_owner
+            model = self._model_ref()
+            if model is not None:
+                model.__dict__.pop("_hift_rt_managed", None)
+            self._updater.close()
+            if self.engine is not None:
+                self.engine.close()
+
+    def __deepcopy__(self, memo):
+        raise TypeError("a HiFTOptimizer cannot be copied (it owns pinned memory, hooks and the model's "
+                        "flat buffers); copy the model, wrap the copy, and load this optimizer's state_dict()")
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a HiFTOptimizer cannot be pickled; save its state_dict() (torch.save) and "
+                        "load_state_dict() into a fresh hift_rt.wrap of the model")
 
     def __del__(self):
         try:
@@ -333,6 +426,20 @@ class HiFTOptimizer(torch.optim.Optimizer):
         return (f"HiFTOptimizer(optim={self.config.optim_name!r}, groups={len(self.groups)}, "
                 f"strategy={self.config.strategy!r}, active={self.active_group}, cycle={self.cycle}, "
                 f"offload={self.offload}, master_weights={self.master_weights}, lr={self.param_groups[0]['lr']})")
+
+
+def _thaw_copy(model: nn.Module) -> None:
+    """A deep copy of a wrapped model carries its inactive groups frozen (requires_grad=False, set
+    by the rotation, not by the user) and the mark wrap left on the model; its parameters have no
+    owner. Make the parameters hift_rt froze trainable again, so the copy is cut as the original
+    was. The original itself, still wrapped, is refused later by _claim."""
+    managed = model.__dict__.get("_hift_rt_managed")
+    if not managed:
+        return
+    for name, p in model.named_parameters():
+        owner = getattr(p, "_hift_rt_owner", None)
+        if name in managed and (owner is None or owner() is None or owner()._closed):
+            p.requires_grad_(True)
 
 
 def _updates(entry) -> int:

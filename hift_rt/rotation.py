@@ -13,6 +13,8 @@ STRATEGIES = ("bottom_up", "top_down", "random")
 
 
 class Rotation:
+    """The order of k groups under a strategy; `active` is the group to update next."""
+
     def __init__(self, k: int, strategy: str = "bottom_up", seed: int = 0):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -47,8 +49,22 @@ class Rotation:
                 "order": list(self.order), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["strategy"] != self.strategy or state["k"] != self.k:
-            raise ValueError(f"rotation state is for strategy={state['strategy']!r} with {state['k']} groups, "
+        """Restore a state_dict(); a state that cannot be this rotation's raises ValueError and
+        changes nothing."""
+        try:
+            strategy, k, cycle, position = state["strategy"], state["k"], int(state["cycle"]), int(state["position"])
+            order = [int(i) for i in state["order"]]
+            generator = torch.Generator()
+            generator.set_state(state["generator"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"rotation state is malformed: {exc}") from None
+        if strategy != self.strategy or k != self.k:
+            raise ValueError(f"rotation state is for strategy={strategy!r} with {k} groups, "
                              f"this optimizer has strategy={self.strategy!r} with {self.k}")
-        self.cycle, self.position, self.order = int(state["cycle"]), int(state["position"]), list(state["order"])
-        self.generator.set_state(state["generator"])
+        if cycle < 0 or not 0 <= position < k or sorted(order) != list(range(k)):
+            raise ValueError(f"rotation state is out of range: cycle {cycle}, position {position}, "
+                             f"order {order} for {k} groups")
+        if strategy != "random" and order != self._draw():
+            raise ValueError(f"rotation state has order {order}, not {strategy}'s")
+        self.cycle, self.position, self.order = cycle, position, order
+        self.generator.set_state(generator.get_state())

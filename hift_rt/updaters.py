@@ -11,6 +11,7 @@ hift_rt.families (through the Family it is given) and hift_rt.flat (FlatGroup) o
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Dict, List, Optional, Tuple
 
@@ -22,6 +23,10 @@ from .flat import FlatGroup
 from .state_store import Field, StateStore
 
 ParamState = Optional[Dict[str, object]]  # torch's per-parameter state entry, None if it has none
+
+# State torch's optimizers keep that is >= 0 by construction (running sums and averages of squares
+# or magnitudes): a negative value in a checkpoint means the checkpoint is corrupt.
+NONNEGATIVE_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg", "acc_delta", "exp_inf"})
 
 
 class Updater(ABC):
@@ -58,6 +63,34 @@ class Updater(ABC):
     @abstractmethod
     def load_group_state(self, group: FlatGroup, entries: List[ParamState]) -> None:
         ...
+
+    def check_group_state(self, group: FlatGroup, entries: List[ParamState]) -> None:
+        """Raise ValueError, naming the parameter, for entries that cannot be a valid state of the
+        group: a tensor of another size, non-finite values, a negative running sum of squares,
+        a step count that is not a number >= 0. Called before anything is loaded."""
+        for (name, p), entry in zip(group.params, entries):
+            if entry is None:
+                continue
+            if not isinstance(entry, dict):
+                raise ValueError(f"state of parameter '{name}' is a {type(entry).__name__}, not a dict")
+            for key, value in entry.items():
+                if key == "step":
+                    step = float(value) if torch.is_tensor(value) and value.numel() == 1 or \
+                        isinstance(value, (int, float)) else math.nan
+                    if not step >= 0 or math.isinf(step):
+                        raise ValueError(f"state 'step' of parameter '{name}' is {value!r}, not a count >= 0")
+                    continue
+                if not torch.is_tensor(value) or value.dim() == 0:
+                    continue
+                if value.numel() != p.numel():
+                    raise ValueError(f"state '{key}' of parameter '{name}' has {value.numel()} elements, "
+                                     f"the parameter {p.numel()}")
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"state '{key}' of parameter '{name}' has non-finite values: "
+                                     "the checkpoint is corrupt")
+                if key in NONNEGATIVE_STATE and bool((value < 0).any()):
+                    raise ValueError(f"state '{key}' of parameter '{name}' has negative values "
+                                     f"(min {float(value.min()):.3g}), impossible for '{key}': the checkpoint is corrupt")
 
     def memory(self) -> dict:
         return {"state_device": self.store.device_bytes(), "state_host": self.store.host_bytes()}
@@ -146,6 +179,14 @@ class FusedUpdater(Updater):
             entries.append(entry or None)
         return entries
 
+    def check_group_state(self, group, entries):
+        super().check_group_state(group, entries)
+        required = list(self.state_names) + (["step"] if self.family.has_step else [])
+        for (name, _), entry in zip(group.params, entries):
+            missing = [key for key in required if entry is not None and key not in entry]
+            if missing:
+                raise ValueError(f"state of parameter '{name}' has no {missing} (optim={self.family.name!r})")
+
     def load_group_state(self, group, entries):
         values = self._initial(group, self.wrap_options)
         steps = []
@@ -154,10 +195,8 @@ class FusedUpdater(Updater):
                 steps.append(0)  # never updated: initial state
                 continue
             for key, buf in values.items():
-                if key in entry:
+                if key in entry:  # a checkpoint without masters (e.g. torch's AdamW) keeps the weights' value
                     buf[off:off + n].copy_(torch.as_tensor(entry[key]).reshape(-1))
-                elif key != "master":
-                    raise ValueError(f"state of parameter '{name}' has no '{key}'")
             # SGD keeps no step: a momentum buffer means at least one update.
             steps.append(int(float(entry["step"])) if "step" in entry else 1)
         self.param_steps[group.index] = steps
