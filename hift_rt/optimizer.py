@@ -13,7 +13,8 @@ hift_rt.state_store). One `step()`:
    behind the update. It returns without synchronizing the host.
 
 The learning rate is read from `param_groups[0]["lr"]` (so torch LR schedulers work): with
-lr_policy="cycle" every step of a cycle uses the value it held at the cycle's first step.
+lr_policy="cycle" a cycle holds its largest scheduled value so far (see _lr); `last_lr` is the
+value the last update applied.
 """
 from __future__ import annotations
 
@@ -128,8 +129,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._gradients = GradientBuffer(max(group.numel for group in self.groups), self.dtype, self.device)
         self._steps = [0] * len(self.groups)
         self._rotation = Rotation(len(self.groups), config.strategy, config.seed)
-        self._cycle_lr: Optional[float] = None
-        self._cycle_lr_of: Optional[int] = None  # the cycle _cycle_lr was read in
+        self._cycle_lr: Optional[float] = None  # lr_policy="cycle": the lr the current cycle applies
+        self._cycle_lr_of: Optional[int] = None  # the cycle _cycle_lr belongs to
+        self.last_lr: Optional[float] = None  # the lr the last update applied (what to log)
         self.engine = TransferEngine(self.device) if self.offload else None
 
         ordered = [p for group in self.groups for _, p in group.params]
@@ -214,14 +216,18 @@ class HiFTOptimizer(torch.optim.Optimizer):
 
     # -- the step ----------------------------------------------------------------------------
     def _lr(self) -> float:
+        """The lr this step applies. "step": the scheduled value. "cycle": the largest value
+        scheduled so far in this cycle, i.e. the cycle's first value held while the schedule
+        decays (HiFT's per-cycle lr), and the schedule itself while it rises, so that a warmup
+        starting at 0 never turns a whole cycle into a no-op."""
         lr = self.param_groups[0]["lr"]
-        if isinstance(lr, torch.Tensor):
-            lr = lr.item()
-        if self.config.lr_policy == "step":
-            return float(lr)
-        if self._cycle_lr_of != self._rotation.cycle:
-            self._cycle_lr, self._cycle_lr_of = float(lr), self._rotation.cycle
-        return self._cycle_lr
+        lr = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+        if self.config.lr_policy == "cycle":
+            if self._cycle_lr_of != self._rotation.cycle:
+                self._cycle_lr, self._cycle_lr_of = lr, self._rotation.cycle
+            lr = self._cycle_lr = max(self._cycle_lr, lr)
+        self.last_lr = lr
+        return lr
 
     def _options(self) -> dict:
         """The hyperparameters as param_groups holds them now (users and schedulers may edit them)."""

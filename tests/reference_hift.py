@@ -56,9 +56,8 @@ class ReferenceHiFT:
     def step(self):
         g = self.active
         lr = self.lr_driver.param_groups[0]["lr"]
-        if self.lr_policy == "cycle":
-            if self.position == 0 or self.cycle_lr is None:
-                self.cycle_lr = lr
+        if self.lr_policy == "cycle":  # the largest lr scheduled so far in this cycle
+            self.cycle_lr = lr if self.position == 0 or self.cycle_lr is None else max(self.cycle_lr, lr)
             lr = self.cycle_lr
         for pg in self.opts[g].param_groups:
             pg["lr"] = lr

@@ -64,3 +64,34 @@ def test_weight_decay_follows_trainers_names_and_hift_args_are_checked(tmp_path)
     opt.close()
     with pytest.raises(ValueError, match="come from TrainingArguments"):
         hift_optimizer(model, training_args(tmp_path), lr=1.0)
+
+
+def test_warmup_from_zero_wastes_no_cycle_and_the_logged_lr_is_the_applied_one(tmp_path):
+    """Trainer's linear warmup starts at lr 0. Every group updated after the first step must move
+    (the default lr policy must not hold the first step's 0 for the whole first cycle), and the
+    logged learning rate is the one the update applied."""
+    model, _ = tiny_llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = training_args(tmp_path, max_steps=6, warmup_steps=2, lr_scheduler_type="linear",
+                         gradient_accumulation_steps=1, save_strategy="no", max_grad_norm=0.0)
+    trainer = HiFTTrainer(model=model, args=args, train_dataset=Tokens(), hift_args={"eps": 1e-3})
+    applied = []
+    step = HiFTOptimizer.step
+
+    def recording_step(opt, *a, **k):
+        out = step(opt, *a, **k)
+        applied.append(opt.last_lr)
+        return out
+    HiFTOptimizer.step = recording_step
+    try:
+        trainer.train()
+    finally:
+        HiFTOptimizer.step = step
+    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    groups = opt.describe_groups()
+    assert applied[0] == 0.0 and all(lr > 0 for lr in applied[1:])
+    for g, lr in zip(groups, applied):  # bottom_up: step i updates group i
+        moved = [n for n in g["params"] if not torch.equal(before[n], dict(model.named_parameters())[n])]
+        assert (len(moved) == len(g["params"])) == (lr > 0), (g["name"], lr, moved)
+    logged = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    assert logged == pytest.approx(applied)

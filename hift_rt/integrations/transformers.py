@@ -61,6 +61,14 @@ class HiFTTrainer(Trainer):
         self.hift_args = dict(hift_args or {})
         super().__init__(*args, **kwargs)
 
+    def _get_learning_rate(self) -> float:
+        """The lr hift_rt's last update applied (with lr_policy="cycle" it can differ from the
+        scheduler's value), so that the logged lr is the one applied."""
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps the optimizer
+        if isinstance(opt, HiFTOptimizer) and opt.last_lr is not None:
+            return opt.last_lr
+        return super()._get_learning_rate()
+
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             model = self.model if model is None else model
