@@ -22,15 +22,20 @@ Units, bottom to top (only trainable parameters; a tied parameter counts once, w
   every item when there is no readable source, stays after the item registered before it. An item
   first used inside the loop over a stack (DeBERTa-v2's `conv`, applied after layer 0) lands after
   that stack, and its unit says so in `note`. No class or attribute names are special.
+- A block holding more than min(2/k, 3/4) of the parameters (k units) that has block stacks of
+  its own is replaced by its own pieces, until none is left: Swin's, ConvNeXt's and ResNet's
+  stages become their blocks, while stages of balanced size stay whole.
 - A model without any block stack gets one unit per item of its first module with more than one
   item (wrappers holding a single child are looked through).
 Groups are runs of `units_per_group` consecutive units, bottom to top.
 
 Balance (`cut` checks it): with k groups and N trainable parameters, a group holding more than
 min(2/k, 3/4) * N is oversized (the 3/4 cap makes the check mean something for k <= 2). A group
-that is one unit in which a single parameter is at least half the elements cannot be helped by
-any cut, since a parameter is never split (GPT-2's `wte`, T5's `shared`): that group gets a note.
-Every other oversized group is named in one `GroupingWarning`, which shows how to pass `groups=`.
+that is one unit gets a note instead of a warning when no automatic cut could do better: when one
+parameter is at least half of the unit (GPT-2's `wte`, T5's `shared`: a parameter is never split)
+or when the unit is one block (the model's own granularity). Every other oversized group (several
+units, or glue in which no structure was found) is named in one `GroupingWarning`, which says how
+to pass `groups=` and lists this model's units in that form.
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ import inspect
 import textwrap
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -111,7 +116,7 @@ class _SelfMentions(ast.NodeVisitor):
         self.cls = cls
         self.mentions: List[Tuple[str, FrozenSet[str]]] = []
         self._loops: List[FrozenSet[str]] = []
-        self._entered: set = set()
+        self._entered: Set[str] = set()
 
     def visit_method(self, name: str) -> bool:
         """Visits method `name`'s body; False when it is not the class's own or has no source."""
@@ -214,16 +219,16 @@ def _dataflow_order(module: nn.Module, items: List[_Item], stacks: FrozenSet[str
     first: Dict[str, Tuple[int, FrozenSet[str]]] = {}
     for position, (attr, loops) in enumerate(mentions):
         first.setdefault(attr, (position, loops))
+    path_of = {item.attr: item.path for item in items}
     keys, notes, previous = [], {}, -1
     for registered, item in enumerate(items):
         if item.attr in first:
             previous, loops = first[item.attr]
             keys.append((previous, 0, registered))
-            inside = sorted(loops & stacks - {item.attr})
+            inside = sorted((loops & stacks) - {item.attr})
             if inside:
-                stack = items[[i.attr for i in items].index(inside[0])].path
-                notes[item.attr] = (f"{item.path} is first used inside the loop over {stack}, between its "
-                                    f"blocks, so it is placed after them")
+                notes[item.attr] = (f"{item.path} is first used inside the loop over {path_of[inside[0]]}, "
+                                    "between its blocks, so it is placed after them")
         else:  # not mentioned: keep it right after the item registered before it
             keys.append((previous, 1, registered))
     order = sorted(range(len(items)), key=keys.__getitem__)
@@ -269,9 +274,8 @@ def _limit(k: int) -> float:
 
 
 def _refine(pieces: List[_Piece]) -> List[_Piece]:
-    """Cuts each block holding more than `_limit` of the parameters (k counted in units) that has
-    block stacks of its own into its own pieces, until none is left: Swin's and ResNet's stages
-    become their blocks, while a stack of balanced stages stays as it is."""
+    """Replaces each block holding more than `_limit` of the parameters (k counted in units) that
+    has block stacks of its own by its own pieces, until none is left (see the module docstring)."""
     total = sum(_numel(p.params) for p in pieces)
     pieces = list(pieces)
     while True:
