@@ -433,7 +433,7 @@ def _check_balance(groups: List[Group], units: Sequence[Unit]) -> None:
         what = (f"of {k} groups, {', '.join(oversized)} of the {total} trainable parameters, more than "
                 f"{limit:.0%} (twice a group's share 1/k, at most {OVERSIZED_CAP:.0%})")
     fix = ("Use a smaller units_per_group, or pass" if several_units
-           else "The automatic cut found no finer structure in it: pass")
+           else f"The automatic cut found no finer structure in {'it' if len(oversized) == 1 else 'them'}: pass")
     warnings.warn(f"hift_rt: {what}. {fix} groups= as lists of parameter-name prefixes, one list per "
                   f"group, bottom to top, every trainable parameter in exactly one; one unit per group "
                   f"here is {_groups_example(units)}", GroupingWarning, stacklevel=3)
