@@ -90,5 +90,5 @@ def rehome(model: nn.Module, group: Group, no_decay: Optional[Callable[[str], bo
             view = flat[off:off + p.numel()].view(p.shape)
             view.copy_(p.detach())
             p.data = view
-    return FlatGroup(group.index, group.name, params, flat, offsets, decay_end, list(getattr(group, "notes", [])),
+    return FlatGroup(group.index, group.name, params, flat, offsets, decay_end, list(group.notes),
                      [p.data_ptr() for _, p in params], [_owner(model, n) for n, _ in params])

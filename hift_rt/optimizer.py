@@ -109,10 +109,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
             raise TypeError("HiFTOptimizer(model, config) takes a HiFTConfig; use hift_rt.wrap(model, ...)")
         self.config = config
         _thaw_copy(model)
-        if config.groups is not None:
-            cut = grouping.groups_from_prefixes(model, config.groups)
-        else:
-            cut = grouping.groups_from_units(grouping.build_units(model), config.units_per_group)
+        cut = grouping.cut(model, config.units_per_group, config.groups)
         if not cut:
             raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
         named = [np for unit_group in cut for np in unit_group.params]
