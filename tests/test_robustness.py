@@ -7,6 +7,7 @@ import os
 import pickle
 import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -148,41 +149,60 @@ def test_ctrl_c_inside_step_lets_the_step_finish_then_raises(monkeypatch):
 
 
 def test_ctrl_c_at_random_moments_never_breaks_the_optimizer():
-    """SIGINTs from a timer thread at random moments of a training loop. An iteration whose step()
-    did not complete is redone (as a user would, from the same batch); the end result equals an
-    uninterrupted run's, bit for bit."""
-    data = batches("mlp", 60)
+    """Real SIGINTs at random moments of a training loop (zero_grad, forward, backward or step).
+    After each, the optimizer is consistent: the step happened entirely or not at all, and exactly
+    the active group is trainable. An iteration whose step did not complete is redone from the
+    same batch (the loop reads its position from the optimizer), and the end result equals an
+    uninterrupted run's, bit for bit.
+
+    One signal per round, sent by a thread only after the loop announced (inside its `try`) that
+    it trains until interrupted: every signal is delivered where the test catches it."""
+    data = batches("mlp", 400)
     model, _ = mlp()
     opt = hift_rt.wrap(model, "adamw", lr=1e-2, strategy="random", offload=True)
     twin, _ = mlp()
     plain = hift_rt.wrap(twin, "adamw", lr=1e-2, strategy="random", offload=True)
-    _train(twin, plain, data)
+    names = [set(g["params"]) for g in opt.describe_groups()]
     rng = torch.Generator().manual_seed(0)
-    stop = threading.Event()
+    armed, caught = threading.Event(), threading.Event()
+    rounds, main = 40, threading.main_thread().ident
 
     def interrupter():
-        while not stop.wait(float(torch.rand(1, generator=rng)) * 2e-3):
-            os.kill(os.getpid(), signal.SIGINT)
-    thread = threading.Thread(target=interrupter)
+        for _ in range(rounds):
+            if not armed.wait(30):
+                return
+            armed.clear()
+            time.sleep(float(torch.rand(1, generator=rng)) * 1.5 * iteration)  # anywhere in an iteration
+            signal.pthread_kill(main, signal.SIGINT)
+            if not caught.wait(30):
+                return
+            caught.clear()
+
+    def train_one():
+        i = sum(opt.group_steps)  # every step has gradients: the steps done are the batches used
+        opt.zero_grad()
+        loss_of("mlp", model, data[i]).backward()
+        opt.step()
+
+    start = time.perf_counter()
+    for _ in range(3):
+        train_one()
+    iteration = (time.perf_counter() - start) / 3
+    thread = threading.Thread(target=interrupter, daemon=True)
     thread.start()
-    interrupts, i = 0, 0
-    try:
-        while i < len(data):
-            done = sum(opt.group_steps)
-            try:
-                opt.zero_grad()
-                loss_of("mlp", model, data[i]).backward()
-                opt.step()
-            except KeyboardInterrupt:
-                interrupts += 1
-            if sum(opt.group_steps) == done + 1:
-                i += 1
-            else:
-                assert sum(opt.group_steps) == done, "a step happened only in part"
-    finally:
-        stop.set()
-        thread.join()
-    assert interrupts > 5
+    for _ in range(rounds):
+        try:
+            armed.set()
+            while True:
+                train_one()
+        except KeyboardInterrupt:
+            caught.set()
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            assert trainable == names[opt.active_group], "a step happened only in part"
+    thread.join()
+    while sum(opt.group_steps) < len(data):
+        train_one()
+    _train(twin, plain, data)
     assert opt.group_steps == plain.group_steps and opt.active_group == plain.active_group
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
 
