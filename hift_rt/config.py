@@ -57,6 +57,7 @@ class HiFTConfig:
     no_decay: Union[None, str, Sequence[str], Callable[[str], bool]] = None
     master_weights: Union[str, bool] = "auto"
     seed: int = 0
+    state_window: Union[str, int, None] = "auto"
     hyperparameters: dict = field(default_factory=dict)
 
     family: Optional[Family] = field(init=False, default=None)
@@ -92,6 +93,9 @@ class HiFTConfig:
             raise ValueError(f"units_per_group must be a positive int, got {self.units_per_group!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -2 ** 63 <= self.seed < 2 ** 64:
             raise ValueError(f"seed must be an int in [-2**63, 2**64), got {self.seed!r}")
+        window = self.state_window
+        if not (window in ("auto", None) or isinstance(window, int) and not isinstance(window, bool) and window > 0):
+            raise ValueError(f"state_window must be 'auto', None (the whole group) or a byte count > 0, got {window!r}")
         self.no_decay = _name_matcher(self.no_decay)
         self._resolve_optim()
 
@@ -125,3 +129,17 @@ class HiFTConfig:
                              "float32 parameters are their own master")
         offload = device.type == "cuda" if self.offload == "auto" else self.offload
         return bool(master), bool(offload)
+
+    def window_bytes(self, device: torch.device) -> Optional[int]:
+        """The device bytes an offloaded group's state may stream through (None: the whole group).
+
+        "auto": on CUDA 1/64 of the card's memory, at least 64 MiB and at most 1 GiB (256 MiB on a
+        16 GB card, 384 MiB on 24 GB, 1 GiB on 80 GB and more); a group whose state fits keeps it
+        whole. Elsewhere the whole group (the host backend has no device memory to save).
+        """
+        if self.state_window != "auto":
+            return self.state_window
+        if device.type != "cuda":
+            return None
+        total = torch.cuda.get_device_properties(device).total_memory
+        return min(max(total // 64, 64 << 20), 1 << 30)

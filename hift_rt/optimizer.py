@@ -151,7 +151,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
         config, active = self.config, self._rotation.active
         store = StateStore(len(self.groups), self.device, self.engine)
         if config.family is not None:
-            return FusedUpdater(self.groups, store, config.family, self.defaults, self.master_weights, active)
+            return FusedUpdater(self.groups, store, config.family, self.defaults, self.master_weights, active,
+                                config.window_bytes(self.device))
         return TorchClassUpdater(self.groups, store, config.torch_class, config.options, self.master_weights,
                                  config.no_decay is not None, config.optim_name, config.lr, active)
 
@@ -471,6 +472,9 @@ def wrap(model: nn.Module, optim: Union[str, type] = "adamw", **arguments) -> Hi
         function name -> bool.
     master_weights: "auto" (fp32 master for bf16/fp16 parameters), True or False.
     seed: the random order's seed.
+    state_window: with offload, the device bytes an offloaded group's state streams through:
+        "auto" (see HiFTConfig.window_bytes), None (the whole largest group's state on the
+        device, as one slot), or a byte count. A torch.optim class keeps whole groups.
     Any other keyword is the optimizer's own option, with torch's names and defaults (betas, eps,
     weight_decay, momentum, ...). See HiFTConfig.
     """

@@ -6,11 +6,22 @@ master, a torch optimizer's own state tensors, ...), packed one after the other,
 64-byte aligned, into one byte *blob* per group.
 
 - offload=False: every blob is a device tensor.
-- offload=True: blobs live in host buffers of the transfer engine (pinned under CUDA); the active
-  group's blob sits in one device *slot* sized for the largest blob. Rotating from g to h swaps
-  the slot: g's blob goes out (D2H) while h's comes in (H2D), chunk by chunk, on the engine's
-  streams; both start after the work queued so far on the compute stream (g's update), and the
-  compute stream waits for h's arrival device-side, right before h's update (make_ready).
+- offload=True, whole-group *slot*: blobs live in host buffers of the transfer engine (pinned
+  under CUDA); the active group's blob sits in one device slot sized for the largest blob.
+  Rotating from g to h swaps the slot: g's blob goes out (D2H) while h's comes in (H2D), chunk
+  by chunk, on the engine's streams; both start after the work queued so far on the compute
+  stream (g's update), and the compute stream waits for h's arrival device-side, right before
+  h's update (make_ready).
+- offload=True, *window*: the device holds a ring of R chunk buffers instead, each with room for
+  E elements of every field. A group's state streams through it E elements at a time: the
+  update of chunk c waits (device side) for its arrival, then chunk c is evicted and chunk c + R
+  comes into its buffer; the engine orders each arrival after the eviction of the buffer's
+  previous occupant (same device bytes). At the end of a step the next group's first R chunks
+  are prefetched, to arrive during the next forward and backward. Host memory is authoritative
+  for every group between steps.
+
+stream(g) hides the mode from the updater: it yields (start, end, views) element ranges of g
+with g's fields for that range on the device, in order, and moves the state around them.
 
 Owns StateStore; may call hift_rt.engine only.
 """
@@ -18,7 +29,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -28,14 +39,21 @@ FIELD_ALIGN = 64  # bytes: every field starts 16-byte aligned for 128-bit access
 
 
 class Field(NamedTuple):
-    """One flat buffer of a group's state: (numel,) elements of dtype."""
+    """One flat buffer of a group's state: (numel,) elements of dtype, one element per `per`
+    elements of the group's flat buffer (1 for per-element state, a block size for per-block
+    scales; `per` divides the chunk size and every chunk start)."""
     name: str
     dtype: torch.dtype
     numel: int
+    per: int = 1
 
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // FIELD_ALIGN) * FIELD_ALIGN
 
 
 def _offsets(fields: List[Field]):
@@ -43,7 +61,7 @@ def _offsets(fields: List[Field]):
     offsets, end = [], 0
     for f in fields:
         offsets.append(end)
-        end += -(-f.nbytes // FIELD_ALIGN) * FIELD_ALIGN
+        end += _aligned(f.nbytes)
     return offsets, end
 
 
@@ -53,18 +71,30 @@ def _views(blob: torch.Tensor, fields: List[Field]) -> Dict[str, torch.Tensor]:
     return {f.name: blob[off:off + f.nbytes].view(f.dtype) for f, off in zip(fields, offsets)}
 
 
+def _part(f: Field, start: int, end: int) -> Tuple[int, int]:
+    """The elements of field f that cover group elements [start, end)."""
+    return start // f.per, min(f.numel, -(-end // f.per))
+
+
 class StateStore:
     """The state of k groups on `device`, offloaded through `engine` when one is given."""
+
+    RING = 4  # chunk buffers of a window (fewer when it is tiny): R - 1 chunks arrive while one is updated
 
     def __init__(self, k: int, device: torch.device, engine: Optional[TransferEngine]):
         self.device = device
         self.engine = engine
         self._fields: List[List[Field]] = [[] for _ in range(k)]
+        self._elements = [0] * k  # each group's flat elements (the range stream() walks)
         self._blobs: List[Optional[torch.Tensor]] = [None] * k  # device blobs (offload=False)
         self._hosts: List[Optional[HostBuffer]] = [None] * k  # host buffers (offload=True)
-        self._slot = torch.zeros(0, dtype=torch.uint8, device=device)
-        self._resident: Optional[int] = None  # the group whose blob is in the slot
-        self._pending: Dict[int, List[int]] = {}  # group -> tickets its slot contents wait on
+        self._slot = torch.zeros(0, dtype=torch.uint8, device=device)  # whole-group slot, or the ring
+        self._resident: Optional[int] = None  # slot: the group whose blob is in it; window: the next group
+        self._pending: Dict[int, List[int]] = {}  # slot: group -> tickets its slot contents wait on
+        self.chunk_elements = 0  # window: E (0: no window)
+        self.ring = 0  # window: R
+        self._ring_bytes = 0  # window: bytes of one chunk buffer
+        self._arrivals: Dict[int, List[int]] = {}  # window: chunk c of the resident group -> tickets
         # Exposed transfer: how long the compute stream sat waiting for a prefetch. On CUDA a
         # timing event on each side of the wait (resolved later, never synchronizing); on the
         # host backend the wall time of the blocking wait.
@@ -76,8 +106,12 @@ class StateStore:
         return self.engine is not None
 
     @property
+    def windowed(self) -> bool:
+        return self.chunk_elements > 0
+
+    @property
     def resident(self) -> Optional[int]:
-        """The group whose blob is in the slot (offloaded)."""
+        """The group whose state is (or is arriving) on the device (offloaded)."""
         return self._resident
 
     def nbytes(self, g: int) -> int:
@@ -87,7 +121,7 @@ class StateStore:
         return list(self._fields[g])
 
     def device_bytes(self) -> int:
-        """Bytes of state on the device: the slot, or every blob."""
+        """Bytes of state on the device: the slot or the ring, or every blob."""
         if self.offloaded:
             return self._slot.numel()
         return sum(b.numel() for b in self._blobs if b is not None)
@@ -96,16 +130,18 @@ class StateStore:
         return sum(h.nbytes for h in self._hosts if h is not None)
 
     # -- layout ------------------------------------------------------------------------------
-    def define(self, g: int, fields: List[Field], values: Dict[str, torch.Tensor]) -> None:
+    def define(self, g: int, fields: List[Field], values: Dict[str, torch.Tensor], elements: int = 0) -> None:
         """Set group g's fields and their contents (each value a tensor of the field's numel, on
-        any device). At wrap for every group; again when an optimizer creates its state on a
-        group's first step (g is then the resident group). Offloaded, a resident g is placed in
-        the slot (grown if needed), any other g in its host buffer."""
+        any device); `elements` is the group's flat size (for stream()). At wrap for every group;
+        again when an optimizer creates its state on a group's first step (whole-group slot
+        only; g is then the resident group). Offloaded, a resident g is placed in the slot (grown
+        if needed), any other g in its host buffer."""
         # A value may be a view of the slot (a resident group's old fields) that the new layout
         # overwrites before reading it: copy those first.
         slot = self._slot.untyped_storage().data_ptr()
         values = {k: v.clone() if v.untyped_storage().data_ptr() == slot else v for k, v in values.items()}
         self._fields[g] = list(fields)
+        self._elements[g] = elements
         nbytes = self.nbytes(g)
         if not self.offloaded:
             self._blobs[g] = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
@@ -114,7 +150,7 @@ class StateStore:
         if self._hosts[g] is not None:
             self._hosts[g].free()  # waits for the transfers that still touch it
         self._hosts[g] = self.engine.alloc_host(max(nbytes, 1))
-        if self._resident == g:
+        if self._resident == g and not self.windowed:
             # The slot's old contents may still be arriving, and the tail of the previous group's
             # eviction may still be reading bytes the new layout covers: wait for all of it (on
             # the host; this happens once per group, on its first step).
@@ -131,31 +167,101 @@ class StateStore:
         for name, view in views.items():
             view.copy_(values[name].reshape(-1))
 
-    def reserve_slot(self) -> None:
-        """Size the slot for the largest blob defined so far (offloaded; after the groups are defined)."""
+    def start(self, active: int, window_bytes: Optional[int] = None) -> None:
+        """Offloaded, after every group is defined: allocate the device memory and bring the
+        active group's state in. The window is used when `window_bytes` is given and the largest
+        blob does not fit in it; the whole-group slot otherwise."""
         largest = max(self.nbytes(g) for g in range(len(self._fields)))
-        if self.offloaded and self._slot.numel() < largest:
+        if window_bytes is not None and largest > window_bytes:
+            per_element = max(sum(f.dtype.itemsize / f.per for f in fields) for fields in self._fields)
+            smallest_chunk = 256 * per_element  # chunks hold whole parameter alignments
+            if window_bytes < smallest_chunk:
+                raise ValueError(f"state_window={window_bytes} bytes is too small: it must hold at least one "
+                                 f"chunk of 256 elements at {per_element:g} bytes each ({int(smallest_chunk)} bytes)")
+            self.ring = max(1, min(self.RING, int(window_bytes // smallest_chunk)))
+            self.chunk_elements = int(window_bytes // self.ring // per_element) // 256 * 256
+            self._ring_bytes = max(sum(_aligned(-(-self.chunk_elements // f.per) * f.dtype.itemsize) for f in fields)
+                                   for fields in self._fields)
+            self._slot = torch.zeros(self.ring * self._ring_bytes, dtype=torch.uint8, device=self.device)
+        else:
             self._slot = torch.zeros(largest, dtype=torch.uint8, device=self.device)
+        self.load(active)
 
     # -- views -------------------------------------------------------------------------------
     def views(self, g: int) -> Dict[str, torch.Tensor]:
-        """g's fields on the device; offloaded, g must be the resident group (its contents may still
-        be arriving: make_ready orders the current stream after them)."""
+        """g's fields on the device (not in window mode); offloaded, g must be the resident group
+        (its contents may still be arriving: make_ready orders the current stream after them)."""
         if not self.offloaded:
             return _views(self._blobs[g], self._fields[g])
-        if self._resident != g:
-            raise RuntimeError(f"group {g}'s state is not on the device (group {self._resident}'s is)")
+        if self._resident != g or self.windowed:
+            raise RuntimeError(f"group {g}'s whole state is not on the device")
         return _views(self._slot[:self.nbytes(g)], self._fields[g])
 
     def host_views(self, g: int) -> Dict[str, torch.Tensor]:
         """g's fields in its host buffer (offloaded), as they are: possibly under a transfer."""
-        return _views(self._hosts[g].view(torch.uint8, 0, max(self.nbytes(g), 1)), self._fields[g])
+        return _views(self._host(g), self._fields[g])
+
+    def _host(self, g: int) -> torch.Tensor:
+        """g's blob in its host buffer, (nbytes,) uint8."""
+        return self._hosts[g].view(torch.uint8, 0, max(self.nbytes(g), 1))[:self.nbytes(g)]
 
     # -- the active group --------------------------------------------------------------------
+    def stream(self, g: int) -> Iterator[Tuple[int, int, Dict[str, torch.Tensor]]]:
+        """(start, end, views): consecutive ranges of g's flat elements, each with the fields
+        covering it on the device (ready to use on the current stream), all of g in order. The
+        caller updates a range before taking the next one; consume the whole iterator."""
+        if not self.offloaded:
+            yield 0, self._elements[g], self.views(g)
+            return
+        if not self.windowed:
+            self.make_ready(g)
+            yield 0, self._elements[g], self.views(g)
+            return
+        if self._resident != g:
+            self.load(g)
+        E, n = self.chunk_elements, self._elements[g]
+        for c in range((n + E - 1) // E):
+            start, end = c * E, min(n, (c + 1) * E)
+            self._wait(self._arrivals.pop(c))
+            yield start, end, self._chunk_views(g, c % self.ring, start, end)
+            # The update of chunk c is queued: send it home, and bring chunk c + R into its buffer
+            # (the engine starts that arrival after this eviction: the same device bytes).
+            self._transfer(g, c, to_device=False)
+            if (c + self.ring) * E < n:
+                self._arrivals[c + self.ring] = self._transfer(g, c + self.ring, to_device=True)
+
+    def _chunk_views(self, g: int, buffer: int, start: int, end: int) -> Dict[str, torch.Tensor]:
+        """Views of ring buffer `buffer` holding group elements [start, end) of g's fields."""
+        views, offset = {}, buffer * self._ring_bytes
+        for f in self._fields[g]:
+            lo, hi = _part(f, start, end)
+            views[f.name] = self._slot[offset:offset + (hi - lo) * f.dtype.itemsize].view(f.dtype)
+            offset += _aligned(-(-self.chunk_elements // f.per) * f.dtype.itemsize)
+        return views
+
+    def _transfer(self, g: int, c: int, to_device: bool) -> List[int]:
+        """Chunk c of g between its host fields and ring buffer c % R, one copy per field;
+        returns the tickets."""
+        E = self.chunk_elements
+        start, end = c * E, min(self._elements[g], (c + 1) * E)
+        device = self._chunk_views(g, c % self.ring, start, end)
+        host = self.host_views(g)
+        tickets = []
+        for f in self._fields[g]:
+            lo, hi = _part(f, start, end)
+            if to_device:
+                tickets.append(self.engine.h2d(device[f.name], host[f.name][lo:hi]))
+            else:
+                tickets.append(self.engine.d2h(host[f.name][lo:hi], device[f.name]))
+        return tickets
+
     def make_ready(self, g: int) -> None:
         """Order the current stream after g's arrival in the slot (device side; the host backend
         blocks instead)."""
-        tickets = self._pending.pop(g, [])
+        self._wait(self._pending.pop(g, []))
+
+    def _wait(self, tickets: List[int]) -> None:
+        """The current stream waits for `tickets`, timed as exposed transfer."""
         if not tickets:
             return
         if self.device.type == "cuda":
@@ -185,17 +291,26 @@ class StateStore:
         return self._waited_seconds
 
     def load(self, g: int) -> None:
-        """Bring g's blob into the slot, whose contents are not needed (at wrap, after loading a
-        checkpoint)."""
+        """Bring g's state to the device (the whole blob into the slot, or its first R chunks into
+        the ring), discarding what the device holds (at wrap, after loading a checkpoint, and in
+        window mode to prefetch the next group)."""
         self._resident = g
+        if self.windowed:
+            chunks = -(-self._elements[g] // self.chunk_elements)
+            self._arrivals = {c: self._transfer(g, c, to_device=True) for c in range(min(self.ring, chunks))}
+            return
         nbytes = self.nbytes(g)
         self._pending[g] = [self.engine.h2d(self._slot[:nbytes], self._host(g))] if nbytes else []
 
     def switch(self, g: int, h: int) -> None:
-        """Evict resident g to its host buffer and bring h into the slot, pipelined: the common
-        length moves as one swap (both directions at once), the longer blob's tail as a plain copy."""
+        """After g's update: h becomes the active group. Slot: evict g and bring h in, pipelined
+        (the common length moves as one swap, both directions at once, the longer blob's tail as a
+        plain copy). Window: g's chunks were evicted by stream(); prefetch h's first chunks."""
         if self._resident != g or g == h:
             raise RuntimeError(f"state store: switch({g}, {h}) with group {self._resident} resident")
+        if self.windowed:
+            self.load(h)
+            return
         ng, nh = self.nbytes(g), self.nbytes(h)
         common = min(ng, nh)
         tickets = []
@@ -209,18 +324,15 @@ class StateStore:
         self._pending[h] = tickets
         self._resident = h
 
-    def _host(self, g: int) -> torch.Tensor:
-        """g's blob in its host buffer, (nbytes,) uint8."""
-        return self._hosts[g].view(torch.uint8, 0, max(self.nbytes(g), 1))[:self.nbytes(g)]
-
     # -- checkpoints -------------------------------------------------------------------------
     def read(self, g: int) -> Dict[str, torch.Tensor]:
-        """g's fields as they are now, after every transfer touching them: a CPU copy for the
-        resident group, views of its host buffer for an evicted one (live: a later eviction of g
-        rewrites them; they stay valid after close()), the device blob's views without offload."""
+        """g's fields as they are now, after every transfer touching them: views of its host
+        buffer (live: a later eviction of g rewrites them; they stay valid after close()), or a
+        CPU copy of the slot for the resident group of the whole-group slot, or the device blob's
+        views without offload."""
         if not self.offloaded:
             return self.views(g)
-        if self._resident == g:
+        if self._resident == g and not self.windowed:
             # Wait on the host, keeping the tickets: the next update still orders the compute
             # stream after them (whatever stream or thread this read runs on).
             for ticket in self._pending.get(g, []):
@@ -230,8 +342,8 @@ class StateStore:
         return self.host_views(g)
 
     def write(self, g: int, values: Dict[str, torch.Tensor]) -> None:
-        """Overwrite g's fields (same layout). Offloaded: into its host buffer, and into the slot
-        too when g is resident."""
+        """Overwrite g's fields (same layout). Offloaded: into its host buffer, and onto the device
+        too when g is the resident group."""
         if not self.offloaded:
             self._fill(self.views(g), values)
             return

@@ -106,7 +106,8 @@ class FusedUpdater(Updater):
     """Each group's state: the family's fp32 buffers (e.g. exp_avg, exp_avg_sq) and, for bf16/fp16
     parameters, an fp32 master, each as long as the group's flat buffer; one launch per step."""
 
-    def __init__(self, groups, store, family: Family, options: dict, master_weights: bool, active: int):
+    def __init__(self, groups, store, family: Family, options: dict, master_weights: bool, active: int,
+                 window_bytes: Optional[int] = None):
         super().__init__(groups, store)
         self.family = family
         self.master_weights = master_weights
@@ -116,10 +117,9 @@ class FusedUpdater(Updater):
         # group only when some parameters went without a gradient on some steps.
         self.param_steps = [[0] * len(group.params) for group in groups]
         for group in groups:
-            store.define(group.index, self._fields(group), self._initial(group, options))
+            store.define(group.index, self._fields(group), self._initial(group, options), elements=group.numel)
         if store.offloaded:
-            store.reserve_slot()
-            store.load(active)
+            store.start(active, window_bytes)
 
     def _fields(self, group: FlatGroup) -> List[Field]:
         names = list(self.state_names) + (["master"] if self.master_weights else [])
@@ -150,17 +150,19 @@ class FusedUpdater(Updater):
         return runs
 
     def update(self, group, grad, has_grad, *, lr, options, clip_coef):
-        if self.store.offloaded:
-            self.store.make_ready(group.index)
-        views = self.store.views(group.index)
-        master = views.get("master")
         steps = [s + 1 if h else s for s, h in zip(self.param_steps[group.index], has_grad)]
-        for start, end, step in self._runs(group, has_grad, steps):
-            part = slice(start, end)
-            self.family.update(group.flat[part], grad[part], {k: views[k][part] for k in self.state_names},
-                               step=step, lr=lr, options=options,
-                               decay_end=min(max(group.decay_end - start, 0), end - start),
-                               master=None if master is None else master[part], clip_coef=clip_coef)
+        runs = self._runs(group, has_grad, steps)
+        for start, end, views in self.store.stream(group.index):
+            for run_start, run_end, step in runs:
+                lo, hi = max(start, run_start), min(end, run_end)
+                if lo >= hi:
+                    continue
+                local = slice(lo - start, hi - start)
+                self.family.update(group.flat[lo:hi], grad[lo:hi], {k: views[k][local] for k in self.state_names},
+                                   step=step, lr=lr, options=options,
+                                   decay_end=min(max(group.decay_end - lo, 0), hi - lo),
+                                   master=views["master"][local] if self.master_weights else None,
+                                   clip_coef=clip_coef)
         self.param_steps[group.index] = steps
 
     def group_state(self, group):
@@ -240,8 +242,7 @@ class TorchClassUpdater(Updater):
         for group in groups:
             self._redefine(group.index)
         if store.offloaded:
-            store.reserve_slot()
-            store.load(active)
+            store.start(active)
         for group in groups:
             self._bind(group.index)
 

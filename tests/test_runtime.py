@@ -305,3 +305,85 @@ def test_parameters_without_gradients_are_skipped_as_in_torch(optim, hyper, offl
     if optim == "adamw":
         used, sometimes = (state[names.index(f"layers.0.{m}.weight")]["step"] for m in ("used", "sometimes"))
         assert used > sometimes > 0
+
+
+# ---- the state window ---------------------------------------------------------------------------
+
+WINDOW_CASES = [
+    ("adamw", {"weight_decay": 0.1}, torch.float32),
+    ("adamw", {}, torch.bfloat16),  # with fp32 masters streamed through the window too
+    ("adam", {"weight_decay": 0.1}, torch.float32),
+    ("adagrad", {"lr_decay": 0.01, "initial_accumulator_value": 0.1}, torch.float32),
+    ("sgd", {"momentum": 0.9, "nesterov": True}, torch.float32),
+    ("sgd", {}, torch.bfloat16),
+]
+
+
+def _windowed_pair(optim, hyper, dtype, window, strategy, steps, resume_at=None):
+    """Whole-slot and windowed runs of the same training; the windowed one optionally saved after
+    `resume_at` steps and resumed into a freshly wrapped whole-slot copy."""
+    models = []
+    for state_window in (None, window):
+        model, _ = tiny_llama()
+        model.to(dtype)
+        opt = hift_rt.wrap(model, optim, lr=1e-2, strategy=strategy, offload=True, state_window=state_window,
+                           no_decay=("norm",), **hyper)
+        models.append((model, opt))
+    data = batches("llama", steps)
+    for i, batch in enumerate(data):
+        for model, opt in models:
+            loss_of("llama", model, batch).backward()
+            opt.step()
+            opt.zero_grad()
+        if i + 1 == resume_at:
+            model, opt = models[1]
+            saved = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "opt": opt.state_dict()}
+            opt.close()
+            fresh, _ = tiny_llama(seed=7)
+            fresh.to(dtype)
+            fresh.load_state_dict(saved["model"])
+            opt = hift_rt.wrap(fresh, optim, lr=1e-2, strategy=strategy, offload=True, state_window=None,
+                               no_decay=("norm",), **hyper)
+            opt.load_state_dict(saved["opt"])
+            models[1] = (fresh, opt)
+    return models
+
+
+# Every family with every strategy and every window size, in 12 runs rather than the 54 of the
+# full product (the three are independent: order of groups, chunking, update math).
+WINDOW_RUNS = [(*case, strategy, window) for i, case in enumerate(WINDOW_CASES)
+               for strategy, window in [(("bottom_up", "top_down", "random")[i % 3], (4096, 3 * 256 * 12 + 1, 16384)[i % 3]),
+                                        (("random", "bottom_up", "top_down")[i % 3], (16384, 4096, 3 * 256 * 12 + 1)[i % 3])]]
+
+
+@pytest.mark.parametrize("optim,hyper,dtype,strategy,window", WINDOW_RUNS,
+                         ids=[f"{r[0]}-{r[2]}-{r[3]}-{r[4]}".replace("torch.", "") for r in WINDOW_RUNS])
+def test_state_window_is_bit_identical_to_the_whole_slot(optim, hyper, dtype, strategy, window):
+    """The update is elementwise: streaming a group's state through a window of any size gives
+    exactly the whole slot's weights and state (groups here are 1024, 3072 and 1280 elements; the
+    windows give chunks of 256 to 1024 elements, one to four chunk buffers; the 1280-element
+    output group is not a multiple of 512 or 1024)."""
+    (whole, opt_whole), (windowed, opt_windowed) = _windowed_pair(optim, hyper, dtype, window, strategy, steps=14)
+    whole_slot, device = opt_whole.memory_breakdown()["state_device"], opt_windowed.memory_breakdown()["state_device"]
+    assert device <= window if window < whole_slot else device == whole_slot  # a group that fits stays whole
+    assert all(torch.equal(p, q) for p, q in zip(whole.parameters(), windowed.parameters()))
+    a, b = opt_whole.state_dict()["state"], opt_windowed.state_dict()["state"]
+    assert a.keys() == b.keys()
+    for i in a:
+        for key, value in a[i].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b[i][key])), (i, key)
+
+
+@pytest.mark.parametrize("resume_at", [3, 8])
+def test_a_windowed_checkpoint_resumes_in_the_whole_slot_to_the_same_numbers(resume_at):
+    (whole, _), (resumed, _) = _windowed_pair("adamw", {}, torch.bfloat16, 5000, "random", steps=15,
+                                              resume_at=resume_at)
+    assert all(torch.equal(p, q) for p, q in zip(whole.parameters(), resumed.parameters()))
+
+
+def test_a_window_too_small_for_one_chunk_is_refused():
+    model, _ = tiny_llama()
+    with pytest.raises(ValueError, match="state_window=1000 bytes is too small"):
+        hift_rt.wrap(model, "adamw", lr=1e-2, offload=True, state_window=1000)
+    with pytest.raises(ValueError, match="state_window must be"):
+        hift_rt.wrap(model, "adamw", lr=1e-2, offload=True, state_window=-5)
