@@ -42,13 +42,16 @@ read back as NaN or inf on the next step: NaN spreads over one block of the stat
 itself gets NaN or inf for the element concerned, as with fp32 state).
 
 Speed. The update kernels are memory bound: on an H200 (4.8 TB/s) int8 AdamW with Kahan moves
-14.1 B per element, 340 G elements/s, about 1.3 elements per SM clock. The encoder costs 15
-(unsigned) or 17 (signed) integer ALU operations per element and no memory access (a binary
-search over the 255 sorted midpoints costs 8 dependent loads, each up to 8 L1 wavefronts per warp
-over a 1 KB table: about 3x the L1 time the whole update may take). Decoding is one load from
-the 512-entry fp32 table VALUES (2 KB, stays in L1; the codes of one block cluster near the top,
-about 4 distinct 128-byte lines per warp-wide load); decoding analytically would cost about 14
-ALU operations, which the ALU pipe, at 64 lanes per SM clock, cannot also afford.
+14.1 B per element, 340 G elements/s, about 1.3 elements per SM clock (0.77 clocks per element).
+The encoder costs about 17 integer ALU operations per element (18 signed) and no memory access;
+for AdamW's two moments that is about 0.55 clocks per element on the 64-lane ALU pipe. A binary
+search over the 255 sorted midpoints would cost 8 dependent table loads per moment, each up to 8
+L1 wavefronts per warp-wide load (a 1 KB table spans 8 lines): up to 4 L1 clocks per element for
+two moments, 5x the time the whole update may take. Decoding is one load from the 512-entry fp32
+table VALUES (2 KB, stays in L1; the codes of a block cluster in its top binades, about 4
+distinct 128-byte lines per warp-wide load, 0.25 L1 clocks per element for two moments), which
+runs beside the ALU work; decoding analytically would add about 14 ALU operations per moment to
+a pipe that the encoder already half fills.
 bf16 state is stored with round-to-nearest-even. Note for Adam's v with beta2 = 0.999: a decay
 step of 0.1% is below half a bf16 ulp (0.2% to 0.4%), so a bf16 v decays only through new
 gradients; the int8 format decays through its fp32 absmax.
