@@ -131,7 +131,7 @@ class Family:
 
     def reference(self, param, grad, state: State, *, step, lr, options, decay_end=None,
                   clip_coef=None) -> Tuple[torch.Tensor, State]:
-        values = self.to_fp32(state, _fields_of(state, param), param, dtype=torch.float64)
+        values = self.to_fp32(state, _fields_of(state), param, dtype=torch.float64)
         weight = values.pop("master", param.double())
         return self._reference(weight, grad, values, step=step, lr=lr, options=options,
                                decay_end=decay_end, clip_coef=clip_coef)
@@ -140,20 +140,22 @@ class Family:
         """A state in the format of `fields` from fp32 moments (n,) and, optionally, an fp32
         "master" (n,) (absent: the param's value). Moments are copied, rounded to bf16, or
         quantized; the compensation is round(master - param). New tensors, on param's device."""
+        def fp32(tensor):
+            return tensor.to(device=param.device, dtype=torch.float32, copy=True)
+
         state = {}
-        master = state_fp32.get("master")
+        master = fp32(param if "master" not in state_fp32 else state_fp32["master"])
         for field in fields:
             if field.name == "master":
-                state["master"] = (param.float() if master is None else master).to(torch.float32, copy=True)
+                state["master"] = master
             elif field.name == "compensation":
-                residual = torch.zeros_like(param, dtype=torch.float32) if master is None else master - param.float()
-                state["compensation"] = residual.to(field.dtype)
+                state["compensation"] = (master - param.float()).to(field.dtype)
             elif field.dtype == torch.uint8:
                 _check_blocks(field.name, param)
                 state[field.name], state[field.name + "_absmax"] = quantize(
-                    state_fp32[field.name].to(torch.float32), SIGNED[field.name])
+                    fp32(state_fp32[field.name]), SIGNED[field.name])
             elif field.per == 1:
-                state[field.name] = state_fp32[field.name].to(field.dtype, copy=True)
+                state[field.name] = fp32(state_fp32[field.name]).to(field.dtype)
         return state
 
     def to_fp32(self, state: State, fields: List[Field], param, dtype=torch.float32) -> State:
@@ -188,7 +190,7 @@ class Family:
         return moments, weights
 
 
-def _fields_of(state: State, param) -> List[Field]:
+def _fields_of(state: State) -> List[Field]:
     """The fields a state holds, read from its keys and dtypes."""
     return [Field(name, t.dtype, Q if name.endswith("_absmax") else 1) for name, t in state.items()]
 

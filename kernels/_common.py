@@ -66,20 +66,13 @@ def tile(n, BLOCK: tl.constexpr, Q: tl.constexpr):
 
 
 @triton.jit
-def load_gradient(grad_ptr, clip_coef_ptr, offsets, mask, HAS_CLIP: tl.constexpr,
-                  MAXIMIZE: tl.constexpr):
-    """The fp32 gradient times the clip coefficient (when HAS_CLIP), negated (when MAXIMIZE)."""
-    grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if HAS_CLIP:
-        grad = grad * tl.load(clip_coef_ptr)
-    if MAXIMIZE:
-        grad = -grad
-    return grad
-
-
-@triton.jit
-def load_weight(param_ptr, master_ptr, compensation_ptr, offsets, mask, WEIGHTS: tl.constexpr):
-    """The fp32 weight: the master (MASTER), param + compensation (KAHAN) or the param (PARAM)."""
+def load_inputs(param_ptr, master_ptr, compensation_ptr, grad_ptr, clip_coef_ptr, n,
+                BLOCK: tl.constexpr, Q: tl.constexpr, WEIGHTS: tl.constexpr,
+                HAS_CLIP: tl.constexpr, MAXIMIZE: tl.constexpr):
+    """This program's tile (rows, offsets, mask, see tile), the fp32 weight (the master
+    (MASTER), param + compensation (KAHAN) or the param (PARAM)) and the fp32 gradient times the
+    clip coefficient (when HAS_CLIP), negated (when MAXIMIZE)."""
+    rows, offsets, mask = tile(n, BLOCK, Q)
     if WEIGHTS == 1:  # MASTER
         weight = tl.load(master_ptr + offsets, mask=mask, other=0.0)
     elif WEIGHTS == 2:  # KAHAN
@@ -87,7 +80,12 @@ def load_weight(param_ptr, master_ptr, compensation_ptr, offsets, mask, WEIGHTS:
                   + tl.load(compensation_ptr + offsets, mask=mask, other=0.0).to(tl.float32))
     else:
         weight = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    return weight
+    grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_CLIP:
+        grad = grad * tl.load(clip_coef_ptr)
+    if MAXIMIZE:
+        grad = -grad
+    return rows, offsets, mask, weight, grad
 
 
 @triton.jit
@@ -274,7 +272,7 @@ class Update:
         return g
 
     def load_weight(self):
-        """An fp32 copy of the weight (see load_weight above)."""
+        """An fp32 copy of the weight (see load_inputs above)."""
         if self.weights == MASTER:
             return self.master.clone()
         weight = self.param.to(torch.float32, copy=True)

@@ -46,9 +46,9 @@ def _adagrad_kernel(
     MAXIMIZE: tl.constexpr,  # ascend: negate the gradient
     HAS_CLIP: tl.constexpr,  # without clipping, no load and no multiply
 ):
-    rows, offsets, mask = _common.tile(n, BLOCK, Q)
-    weight = _common.load_weight(param_ptr, master_ptr, compensation_ptr, offsets, mask, WEIGHTS)
-    grad = _common.load_gradient(grad_ptr, clip_coef_ptr, offsets, mask, HAS_CLIP, MAXIMIZE)
+    rows, offsets, mask, weight, grad = _common.load_inputs(
+        param_ptr, master_ptr, compensation_ptr, grad_ptr, clip_coef_ptr, n, BLOCK, Q, WEIGHTS,
+        HAS_CLIP, MAXIMIZE)
     state_sum = quantization.load_state(state_sum_ptr, state_sum_absmax_ptr, codebook_ptr, rows,
                                         offsets, mask, n, Q, QUANTIZED, False)
 

@@ -57,9 +57,9 @@ def _adamw_kernel(
     HAS_CLIP: tl.constexpr,  # without clipping, no load and no multiply
     DECOUPLED: tl.constexpr,  # AdamW (decay the weights) or Adam (L2 on the gradient)
 ):
-    rows, offsets, mask = _common.tile(n, BLOCK, Q)
-    weight = _common.load_weight(param_ptr, master_ptr, compensation_ptr, offsets, mask, WEIGHTS)
-    grad = _common.load_gradient(grad_ptr, clip_coef_ptr, offsets, mask, HAS_CLIP, MAXIMIZE)
+    rows, offsets, mask, weight, grad = _common.load_inputs(
+        param_ptr, master_ptr, compensation_ptr, grad_ptr, clip_coef_ptr, n, BLOCK, Q, WEIGHTS,
+        HAS_CLIP, MAXIMIZE)
     exp_avg = quantization.load_state(exp_avg_ptr, exp_avg_absmax_ptr, codebook_ptr, rows,
                                       offsets, mask, n, Q, QUANTIZED, True)
     exp_avg_sq = quantization.load_state(exp_avg_sq_ptr, exp_avg_sq_absmax_ptr, codebook_ptr,

@@ -54,9 +54,9 @@ def _sgd_kernel(
     FIRST_STEP: tl.constexpr,  # the buffer is initialized to the gradient: written, not read
     NESTEROV: tl.constexpr,  # step along g + momentum * b instead of b
 ):
-    rows, offsets, mask = _common.tile(n, BLOCK, Q)
-    weight = _common.load_weight(param_ptr, master_ptr, compensation_ptr, offsets, mask, WEIGHTS)
-    grad = _common.load_gradient(grad_ptr, clip_coef_ptr, offsets, mask, HAS_CLIP, MAXIMIZE)
+    rows, offsets, mask, weight, grad = _common.load_inputs(
+        param_ptr, master_ptr, compensation_ptr, grad_ptr, clip_coef_ptr, n, BLOCK, Q, WEIGHTS,
+        HAS_CLIP, MAXIMIZE)
 
     if WEIGHT_DECAY:
         grad = tl.where(offsets < decay_end, grad + weight_decay * weight, grad)
