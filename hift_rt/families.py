@@ -55,6 +55,17 @@ def bytes_per_element(fields: List[Field]) -> float:
     return sum(torch.empty((), dtype=f.dtype).element_size() / f.per for f in fields)
 
 
+def slice_state(state: State, fields: List[Field], start: int, end: int) -> State:
+    """Views of elements [start, end) of every field: [start // per, end // per) of each. With
+    per > 1 fields (int8 absmax) start and end must be multiples of per, so that the chunk holds
+    whole blocks; the kernels cannot see where a chunk starts, so this is where it is checked."""
+    for field in fields:
+        if field.per > 1 and (start % field.per or end % field.per):
+            raise ValueError(f"{field.name}: the chunk [{start}, {end}) must start and end on a multiple "
+                             f"of {field.per} elements (whole int8 blocks)")
+    return {f.name: state[f.name][start // f.per:end // f.per] for f in fields}
+
+
 @dataclass(frozen=True)
 class Family:
     """One fused optimizer.

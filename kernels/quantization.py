@@ -34,8 +34,9 @@ smallest grid value, so m / (sqrt(v) + eps) cannot blow up where m was stored an
 round to 0 get code 0x80, which reads back as -0.0). The decision boundaries are the midpoints
 of neighbouring grid values, except between 0 and the smallest signed value 2^-22, where it lies
 at 0.75 * 2^-22 (the encoder treats the binade below the grid as having a value at 2^-23).
-`encode` implements the same decisions in torch by a search over the exact boundaries, and tests
-check that both agree on every boundary and its fp32 neighbours.
+`encode_torch` makes the same decisions in torch by a search over the exact boundaries (the
+definition; the torch path and the references use it), and tests check that the Triton `encode`
+agrees with it on every boundary and its fp32 neighbours.
 
 Non-finite values. A NaN or inf makes its block's absmax non-finite; the block's elements then
 read back as NaN or inf on the next step: NaN spreads over one block of the state (the param
@@ -52,6 +53,7 @@ table VALUES (2 KB, stays in L1; the codes of a block cluster in its top binades
 distinct 128-byte lines per warp-wide load, 0.25 L1 clocks per element for two moments), which
 runs beside the ALU work; decoding analytically would add about 14 ALU operations per moment to
 a pipe that the encoder already half fills.
+
 bf16 state is stored with round-to-nearest-even. Note for Adam's v with beta2 = 0.999: a decay
 step of 0.1% is below half a bf16 ulp (0.2% to 0.4%), so a bf16 v decays only through new
 gradients; the int8 format decays through its fp32 absmax.
@@ -66,24 +68,24 @@ UNSIGNED_FRACTION_BITS = 5  # B of the unsigned code
 FORMATS = (torch.float32, torch.bfloat16, torch.uint8)  # state dtypes: fp32, bf16, int8 codes
 
 
-def _magnitudes(fraction_bits):
-    """The 2^(B + 3) magnitudes of the code with B fraction bits, ascending, as Python floats."""
-    b_top = fraction_bits
+def _magnitudes(top_bits):
+    """The 2^(B + 3) magnitudes of the code with B = top_bits, ascending, as Python floats: 0,
+    the six binades of group B (no fraction bits), groups B - 1 .. 0, then 1."""
     values = [0.0]
-    values += [2.0 ** -(k + 1) for k in range(4 * b_top + 5, 4 * b_top - 1, -1)]
-    for group in range(b_top - 1, -1, -1):
-        bits = b_top - group
+    values += [2.0 ** -(k + 1) for k in range(4 * top_bits + 5, 4 * top_bits - 1, -1)]
+    for group in range(top_bits - 1, -1, -1):
+        bits = top_bits - group
         for k in range(4 * group + 3, 4 * group - 1, -1):
             values += [2.0 ** -(k + 1) * (1 + j / 2**bits) for j in range(2**bits)]
     values.append(1.0)
-    assert len(values) == 2 ** (b_top + 3)
+    assert len(values) == 2 ** (top_bits + 3)
     return values
 
 
 def _tables():
-    """(values, bounds): VALUES (512,) float64, signed codes 0..255 then unsigned codes 0..255;
-    bounds of the signed and the unsigned magnitudes: bounds[c - 1] is the smallest magnitude
-    that encodes to c or more."""
+    """VALUES (512,) float64, the values of signed codes 0..255 then of unsigned codes 0..255,
+    and the decision boundaries of the signed and of the unsigned magnitudes: bounds[c - 1] is
+    the smallest magnitude that encodes to c or more."""
     signed = _magnitudes(SIGNED_FRACTION_BITS)
     unsigned = _magnitudes(UNSIGNED_FRACTION_BITS)
     values = signed + [-v for v in signed] + unsigned
@@ -138,9 +140,9 @@ def encode(x, SIGNED: tl.constexpr):
     """int32 codes (0..255) of normalized fp32 values x (|x| <= 1 for finite blocks)."""
     bits = x.to(tl.int32, bitcast=True)
     a = bits & 0x7FFFFFFF
-    if SIGNED:
+    if SIGNED:  # B = SIGNED_FRACTION_BITS; the sign bit is x's
         code = tl.maximum(_magnitude_code(a, 4), 0) | ((bits >> 24) & 0x80)
-    else:
+    else:  # B = UNSIGNED_FRACTION_BITS; a > 0 gives at least code 1
         code = tl.minimum(tl.maximum(_magnitude_code(a, 5), 1), a)
     return code
 

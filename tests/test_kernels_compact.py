@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hift_rt.families import FAMILIES, SIGNED, Field, bytes_per_element
+from hift_rt.families import FAMILIES, SIGNED, Field, bytes_per_element, slice_state
 from hift_rt.kernels import Q, adamw_update, dequantize, quantization, quantize, sgd_update
 from test_kernels import (  # noqa: F401 (target is a fixture)
     DEFAULT_OPTIONS, MANTISSA_BITS, Case, assert_within, fp32_budget, random_inputs, rounding_ulps, target,
@@ -387,6 +387,27 @@ def test_format_conversions(name, state_dtype, master):
         assert torch.equal(state["master"], param.float())
     elif master == "kahan":
         assert not state["compensation"].any()
+
+
+def test_chunks_of_an_int8_state_update_like_the_whole(target):
+    """Two chunks of whole blocks, updated one after the other, give the same bits as one
+    update over the whole buffer (each block's absmax is its own); a chunk that cuts a block is
+    refused."""
+    case = Case.of("adamw", DEFAULT_OPTIONS["adamw"])
+    n = 6 * Q
+    fields = case.family.fields(case.options, "int8", "kahan", torch.bfloat16)
+    init, (grad,) = random_inputs(n, 1, torch.bfloat16, target.device)
+    results = []
+    for cuts in ([0, n], [0, 2 * Q, n]):
+        param = init.to(torch.bfloat16)
+        state = make_state(case, fields, init, param)
+        for start, end in zip(cuts, cuts[1:]):
+            case.update(param[start:end], grad[start:end], slice_state(state, fields, start, end), 1)
+        results.append([param, *state.values()])
+    for whole, chunked in zip(*results):
+        assert torch.equal(whole, chunked)
+    with pytest.raises(ValueError, match="^exp_avg_absmax: the chunk \\[64, 384\\)"):
+        slice_state(state, fields, Q // 2, 3 * Q)
 
 
 def test_update_takes_master_from_state_or_keyword():
