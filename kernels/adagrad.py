@@ -1,7 +1,9 @@
 """Adagrad update over one flat buffer: one launch, each element read and written once.
 
-Per element i (fp32 math), with g the gradient and w the weight (the fp32 master when given,
-otherwise the param loaded as fp32), in the order of torch.optim's single-tensor loop:
+Per element i (fp32 math), with g the gradient, w the weight (the fp32 master, param +
+compensation, or the param; see _common) and s the running sum read from its format (fp32, bf16,
+or int8 codes times their block's absmax; see quantization), in the order of torch.optim's
+single-tensor loop:
 
     g = g * clip_coef                                  (when clip_coef is given)
     g = -g                                             (maximize)
@@ -9,45 +11,47 @@ otherwise the param loaded as fp32), in the order of torch.optim's single-tensor
     s = s + g * g
     w = w - lr / (1 + (step - 1) * lr_decay) * g / (sqrt(s) + eps)
 
-then w is stored, and with a master the param receives w rounded to its dtype. When found_inf is
-non-zero nothing is written. Bytes per element: 20 for fp32 (w, s read and written, g read); 20
-for bf16/fp16 with master (master, s read and written, g read, param written: 8+8+2+2).
+then w and s are stored in their formats; the update itself uses the unrounded fp32 s. Bytes per
+element (read + written), bf16 param and grad: sum fp32 8, bf16 4, int8 1 + 1/32; weights fp32
+master 10, kahan 8, none 4; grad 2. An fp32 param: weights 8, grad 4 (fp32 sum: 20).
 torch.optim.Adagrad's initial_accumulator_value is the caller's initial state_sum.
 """
 import torch
 import triton
 import triton.language as tl
 
-from . import _common
+from . import _common, quantization
 
 
 @triton.jit
 def _adagrad_kernel(
-    weight_ptr,  # (n,) weights updated in place: the fp32 master, or the param itself
-    param_ptr,  # (n,) bf16/fp16 param, written with the rounded master when HAS_MASTER
+    param_ptr,  # (n,) param, fp32/bf16/fp16: written, read unless WEIGHTS is MASTER
+    master_ptr,  # (n,) fp32 master weights (WEIGHTS == MASTER)
+    compensation_ptr,  # (n,) param's dtype, the rounding error of param (WEIGHTS == KAHAN)
     grad_ptr,  # (n,) gradient, param's dtype
-    state_sum_ptr,  # (n,) fp32 running sum of squared gradients
     clip_coef_ptr,  # 1 fp32 element, the gradient's factor (read when HAS_CLIP)
-    found_inf_ptr,  # 1 fp32 element, non-zero skips the step (read when HAS_FOUND_INF)
+    codebook_ptr,  # (512,) fp32, the int8 code's values (read when QUANTIZED)
+    state_sum_ptr,  # (n,) running sum of squared gradients: fp32, bf16, or uint8 codes
+    state_sum_absmax_ptr,  # (n / Q,) fp32 block absmax of the sum (QUANTIZED)
     n,  # number of elements
     decay_end,  # elements [0, decay_end) get weight decay
     weight_decay,  # the L2 coefficient added to the gradient
     clr,  # lr / (1 + (step - 1) * lr_decay)
     eps,
     BLOCK: tl.constexpr,  # elements per program: tl.arange needs a compile-time size
-    HAS_MASTER: tl.constexpr,  # weights are an fp32 master; without one, no param store
+    Q: tl.constexpr,  # elements per row of the tile, one int8 absmax block
+    WEIGHTS: tl.constexpr,  # PARAM, MASTER or KAHAN (_common): which buffers hold the weight
+    QUANTIZED: tl.constexpr,  # int8 state: decode and encode, absmax per row
     WEIGHT_DECAY: tl.constexpr,  # off when weight_decay or decay_end is 0: no compare, no select
     MAXIMIZE: tl.constexpr,  # ascend: negate the gradient
     HAS_CLIP: tl.constexpr,  # without clipping, no load and no multiply
-    HAS_FOUND_INF: tl.constexpr,  # without a GradScaler, no load of the flag
 ):
-    offsets, mask = _common.live_elements(n, found_inf_ptr, BLOCK, HAS_FOUND_INF)
+    rows, offsets, mask, weight, grad = _common.load_inputs(
+        param_ptr, master_ptr, compensation_ptr, grad_ptr, clip_coef_ptr, n, BLOCK, Q, WEIGHTS,
+        HAS_CLIP, MAXIMIZE)
+    state_sum = quantization.load_state(state_sum_ptr, state_sum_absmax_ptr, codebook_ptr, rows,
+                                        offsets, mask, n, Q, QUANTIZED, False)
 
-    weight = tl.load(weight_ptr + offsets, mask=mask).to(tl.float32)
-    grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
-    state_sum = tl.load(state_sum_ptr + offsets, mask=mask)
-
-    grad = _common.scaled_gradient(grad, clip_coef_ptr, HAS_CLIP, MAXIMIZE)
     if WEIGHT_DECAY:
         grad = tl.where(offsets < decay_end, grad + weight_decay * weight, grad)
 
@@ -57,83 +61,58 @@ def _adagrad_kernel(
     std = tl.sqrt_rn(state_sum) + eps
     weight = weight - tl.div_rn(clr * grad, std)
 
-    tl.store(weight_ptr + offsets, weight.to(weight_ptr.dtype.element_ty), mask=mask)
-    tl.store(state_sum_ptr + offsets, state_sum, mask=mask)
-    if HAS_MASTER:
-        tl.store(param_ptr + offsets, weight.to(param_ptr.dtype.element_ty), mask=mask)
+    _common.store_weight(weight, param_ptr, master_ptr, compensation_ptr, offsets, mask, WEIGHTS)
+    quantization.store_state(state_sum, state_sum_ptr, state_sum_absmax_ptr, rows, offsets, mask,
+                             n, Q, QUANTIZED, False)
 
 
-def _launch(weights, param, grad, state_sum, clip_coef, found_inf, decay_end, *,
-            weight_decay, clr, eps, maximize):
-    """Run _adagrad_kernel over all n elements; `weights` is the master, or param itself."""
-    n = param.numel()
-    _adagrad_kernel[_common.grid(n)](
-        weights, param, grad, state_sum, clip_coef, found_inf,
-        n, decay_end, weight_decay, clr, eps,
-        BLOCK=_common.BLOCK,
-        HAS_MASTER=weights is not param,
-        WEIGHT_DECAY=weight_decay != 0.0 and decay_end > 0,
-        MAXIMIZE=maximize,
-        HAS_CLIP=clip_coef is not None,
-        HAS_FOUND_INF=found_inf is not None,
-        num_warps=_common.NUM_WARPS,
-        enable_fp_fusion=_common.FP_FUSION,
-    )
-
-
-def _torch_path(weights, param, grad, state_sum, clip_coef, found_inf, decay_end, *,
-                weight_decay, clr, eps, maximize):
-    """The kernel's math in torch ops, fp32, on copies that are committed at the end."""
-    weight = weights.to(torch.float32, copy=True)
-    g = _common.torch_gradient(grad, clip_coef, maximize)
-    state_sum_new = state_sum.clone()
-    if weight_decay != 0.0:
-        g[:decay_end].add_(weight[:decay_end], alpha=weight_decay)
-    state_sum_new.addcmul_(g, g, value=1)
-    std = state_sum_new.sqrt().add_(eps)
+def _torch_path(call, *, clr, eps):
+    """The kernel's math in torch ops, fp32."""
+    weight, g = call.load_weight(), call.load_gradient()
+    (state,) = call.states
+    state_sum = state.load()
+    if call.weight_decay != 0.0:
+        g[:call.decay_end].add_(weight[:call.decay_end], alpha=call.weight_decay)
+    state_sum.addcmul_(g, g, value=1)
+    std = state_sum.sqrt().add_(eps)
     weight.addcdiv_(g, std, value=-clr)
-    outputs = [(weights, weight), (state_sum, state_sum_new)]
-    if weights is not param:
-        outputs.append((param, weight))
-    _common.commit(outputs, found_inf)
+    call.store_weight(weight)
+    state.store(state_sum)
 
 
 def adagrad_update(param, grad, state_sum, *, step, lr, lr_decay=0.0, weight_decay=0.0,
-                   eps=1e-10, maximize=False, decay_end=None, master=None, clip_coef=None,
-                   found_inf=None):
+                   eps=1e-10, maximize=False, decay_end=None, master=None, compensation=None,
+                   clip_coef=None, state_sum_absmax=None):
     """One Adagrad step over a flat buffer, in place.
 
-    param: (n,) fp32, bf16 or fp16; grad: (n,) same dtype; state_sum: (n,) fp32.
+    param: (n,) fp32, bf16 or fp16; grad: (n,) same dtype.
+    state_sum: (n,) fp32, bf16, or uint8 int8-codes (unsigned code), then with
+    state_sum_absmax (n / Q,) fp32 (n a multiple of quantization.Q).
     step: update count including this one (1 on the first update), for the lr decay.
     decay_end: weight decay applies to elements [0, decay_end) only; None means all n.
-    master: (n,) fp32 master weights for a bf16/fp16 param (rejected for fp32): the update runs
-    on master and param receives the rounded result (param is not read).
-    clip_coef: 1-element fp32 tensor multiplying the gradient. found_inf: 1-element fp32 tensor;
-    non-zero leaves every buffer unchanged. Neither is read on the host.
-    Matches torch.optim.Adagrad with foreach=False; the math is in the module docstring.
+    master: (n,) fp32 master weights, or compensation: (n,) of param's dtype (Kahan), only for
+    a bf16/fp16 param; with neither the param is updated in its own precision (see _common).
+    clip_coef: 1-element fp32 tensor multiplying the gradient, read on the device only.
+    Matches torch.optim.Adagrad with foreach=False for fp32 state; the math is in the module
+    docstring.
     """
-    _common.check_update_tensors(param, grad, {"state_sum": state_sum}, master, clip_coef,
-                                 found_inf)
+    call = _common.Update(
+        param, grad, [quantization.StateBuffer("state_sum", state_sum, state_sum_absmax, False)],
+        master=master, compensation=compensation, clip_coef=clip_coef, decay_end=decay_end,
+        weight_decay=weight_decay, maximize=maximize)
     _common.check_step(step)
-    _common.check_nonnegative(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps)
-    decay_end = _common.resolve_decay_end(decay_end, param.numel())
-    if param.numel() == 0:
-        return
-    options = dict(
-        weight_decay=float(weight_decay), clr=lr / (1.0 + (step - 1) * lr_decay),
-        eps=float(eps), maximize=bool(maximize),
-    )
-    weights = param if master is None else master
-    run = _launch if _common.use_triton(param) else _torch_path
-    run(weights, param, grad, state_sum, clip_coef, found_inf, decay_end, **options)
+    _common.check_nonnegative(lr=lr, lr_decay=lr_decay, eps=eps)
+    scalars = dict(clr=lr / (1.0 + (step - 1) * lr_decay), eps=float(eps))
+    call.run(_adagrad_kernel, _torch_path, scalars)
 
 
 def adagrad_ref(param, grad, state_sum, *, step, lr, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
                 maximize=False, decay_end=None, clip_coef=None):
-    """Float64 reference of adagrad_update; returns new (param, state_sum), float64.
+    """Float64 reference of adagrad_update; returns new (weight, state_sum), float64, before any
+    rounding to a param dtype or a state format.
 
-    The inputs are not modified. For the master variant pass the master as `param` and round
-    the result to the param's dtype; a non-zero found_inf returns the inputs unchanged.
+    The inputs are not modified. Pass the weight as `param` (the master, or param +
+    compensation) and the sum's values (dequantized for int8).
     """
     p, g, s = param.double(), grad.double(), state_sum.double()
     n = param.numel()

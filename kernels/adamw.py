@@ -1,7 +1,9 @@
 """AdamW / Adam update over one flat buffer: one launch, each element read and written once.
 
-Per element i (fp32 math), with g the gradient and w the weight (the fp32 master when given,
-otherwise the param loaded as fp32), in the order of torch.optim's single-tensor loop:
+Per element i (fp32 math), with g the gradient, w the weight (the fp32 master, param +
+compensation, or the param; see _common) and m, v the moments read from their format (fp32,
+bf16, or int8 codes times their block's absmax; see quantization), in the order of torch.optim's
+single-tensor loop:
 
     g = g * clip_coef                                  (when clip_coef is given)
     g = -g                                             (maximize)
@@ -11,30 +13,35 @@ otherwise the param loaded as fp32), in the order of torch.optim's single-tensor
     v = beta2 * v + (1 - beta2) * g * g
     w = w - lr / (1 - beta1^step) * m / (sqrt(v) / sqrt(1 - beta2^step) + eps)
 
-then w is stored, and with a master the param receives w rounded to its dtype. When found_inf is
-non-zero nothing is written. Bytes per element: 28 for fp32 (w, m, v read and written, g read);
-28 for bf16/fp16 with master (master, m, v read and written, g read, param written: 8+8+8+2+2).
+then w, m and v are stored in their formats; the update itself uses the unrounded fp32 m and v.
+Bytes per element (read + written), bf16 param and grad: state fp32 16, bf16 8, int8 2 + 1/16
+(codes and absmax); weights fp32 master 8 + 2 (master, param written), kahan 4 + 4 (param and
+compensation), none 4; grad 2. E.g. fp32 state + master 28, int8 + kahan 14.06. An fp32 param:
+weights 8, grad 4.
 """
 import torch
 import triton
 import triton.language as tl
 
-from . import _common
+from . import _common, quantization
 
 
 @triton.jit
 def _adamw_kernel(
-    weight_ptr,  # (n,) weights updated in place: the fp32 master, or the param itself
-    param_ptr,  # (n,) bf16/fp16 param, written with the rounded master when HAS_MASTER
+    param_ptr,  # (n,) param, fp32/bf16/fp16: written, read unless WEIGHTS is MASTER
+    master_ptr,  # (n,) fp32 master weights (WEIGHTS == MASTER)
+    compensation_ptr,  # (n,) param's dtype, the rounding error of param (WEIGHTS == KAHAN)
     grad_ptr,  # (n,) gradient, param's dtype
-    exp_avg_ptr,  # (n,) fp32 first moment
-    exp_avg_sq_ptr,  # (n,) fp32 second moment
     clip_coef_ptr,  # 1 fp32 element, the gradient's factor (read when HAS_CLIP)
-    found_inf_ptr,  # 1 fp32 element, non-zero skips the step (read when HAS_FOUND_INF)
+    codebook_ptr,  # (512,) fp32, the int8 code's values (read when QUANTIZED)
+    exp_avg_ptr,  # (n,) first moment: fp32, bf16, or uint8 codes
+    exp_avg_absmax_ptr,  # (n / Q,) fp32 block absmax of the first moment (QUANTIZED)
+    exp_avg_sq_ptr,  # (n,) second moment, exp_avg's format
+    exp_avg_sq_absmax_ptr,  # (n / Q,) fp32 block absmax of the second moment (QUANTIZED)
     n,  # number of elements
     decay_end,  # elements [0, decay_end) get weight decay
-    decay_factor,  # 1 - lr * weight_decay, the decoupled weight factor
     weight_decay,  # the L2 coefficient added to the gradient when not decoupled
+    decay_factor,  # 1 - lr * weight_decay, the decoupled weight factor
     one_minus_beta1,  # lerp weight of the first moment
     beta2,
     one_minus_beta2,
@@ -42,21 +49,22 @@ def _adamw_kernel(
     bias_correction2_sqrt,  # sqrt(1 - beta2^step)
     eps,
     BLOCK: tl.constexpr,  # elements per program: tl.arange needs a compile-time size
-    HAS_MASTER: tl.constexpr,  # weights are an fp32 master; without one, no param store
+    Q: tl.constexpr,  # elements per row of the tile, one int8 absmax block
+    WEIGHTS: tl.constexpr,  # PARAM, MASTER or KAHAN (_common): which buffers hold the weight
+    QUANTIZED: tl.constexpr,  # int8 state: decode and encode, absmax per row
     WEIGHT_DECAY: tl.constexpr,  # off when weight_decay or decay_end is 0: no compare, no select
-    DECOUPLED: tl.constexpr,  # AdamW (decay the weights) or Adam (L2 on the gradient)
     MAXIMIZE: tl.constexpr,  # ascend: negate the gradient
     HAS_CLIP: tl.constexpr,  # without clipping, no load and no multiply
-    HAS_FOUND_INF: tl.constexpr,  # without a GradScaler, no load of the flag
+    DECOUPLED: tl.constexpr,  # AdamW (decay the weights) or Adam (L2 on the gradient)
 ):
-    offsets, mask = _common.live_elements(n, found_inf_ptr, BLOCK, HAS_FOUND_INF)
+    rows, offsets, mask, weight, grad = _common.load_inputs(
+        param_ptr, master_ptr, compensation_ptr, grad_ptr, clip_coef_ptr, n, BLOCK, Q, WEIGHTS,
+        HAS_CLIP, MAXIMIZE)
+    exp_avg = quantization.load_state(exp_avg_ptr, exp_avg_absmax_ptr, codebook_ptr, rows,
+                                      offsets, mask, n, Q, QUANTIZED, True)
+    exp_avg_sq = quantization.load_state(exp_avg_sq_ptr, exp_avg_sq_absmax_ptr, codebook_ptr,
+                                         rows, offsets, mask, n, Q, QUANTIZED, False)
 
-    weight = tl.load(weight_ptr + offsets, mask=mask).to(tl.float32)
-    grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
-    exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask)
-    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask)
-
-    grad = _common.scaled_gradient(grad, clip_coef_ptr, HAS_CLIP, MAXIMIZE)
     if WEIGHT_DECAY:
         decayed = offsets < decay_end
         if DECOUPLED:
@@ -71,99 +79,77 @@ def _adamw_kernel(
     denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
     weight = weight - tl.div_rn(step_size * exp_avg, denom)
 
-    tl.store(weight_ptr + offsets, weight.to(weight_ptr.dtype.element_ty), mask=mask)
-    tl.store(exp_avg_ptr + offsets, exp_avg, mask=mask)
-    tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask=mask)
-    if HAS_MASTER:
-        tl.store(param_ptr + offsets, weight.to(param_ptr.dtype.element_ty), mask=mask)
+    _common.store_weight(weight, param_ptr, master_ptr, compensation_ptr, offsets, mask, WEIGHTS)
+    quantization.store_state(exp_avg, exp_avg_ptr, exp_avg_absmax_ptr, rows, offsets, mask, n,
+                             Q, QUANTIZED, True)
+    quantization.store_state(exp_avg_sq, exp_avg_sq_ptr, exp_avg_sq_absmax_ptr, rows, offsets,
+                             mask, n, Q, QUANTIZED, False)
 
 
-def _launch(weights, param, grad, exp_avg, exp_avg_sq, clip_coef, found_inf, decay_end, *,
-            lr, beta1, beta2, eps, weight_decay, decoupled, maximize, step_size,
-            bias_correction2_sqrt):
-    """Run _adamw_kernel over all n elements; `weights` is the master, or param itself."""
-    n = param.numel()
-    _adamw_kernel[_common.grid(n)](
-        weights, param, grad, exp_avg, exp_avg_sq, clip_coef, found_inf,
-        n, decay_end, 1.0 - lr * weight_decay, weight_decay, 1.0 - beta1, beta2, 1.0 - beta2,
-        step_size, bias_correction2_sqrt, eps,
-        BLOCK=_common.BLOCK,
-        HAS_MASTER=weights is not param,
-        WEIGHT_DECAY=weight_decay != 0.0 and decay_end > 0,
-        DECOUPLED=decoupled,
-        MAXIMIZE=maximize,
-        HAS_CLIP=clip_coef is not None,
-        HAS_FOUND_INF=found_inf is not None,
-        num_warps=_common.NUM_WARPS,
-        enable_fp_fusion=_common.FP_FUSION,
-    )
-
-
-def _torch_path(weights, param, grad, exp_avg, exp_avg_sq, clip_coef, found_inf, decay_end, *,
-                lr, beta1, beta2, eps, weight_decay, decoupled, maximize, step_size,
-                bias_correction2_sqrt):
-    """The kernel's math in torch ops, fp32, on copies that are committed at the end."""
-    weight = weights.to(torch.float32, copy=True)
-    g = _common.torch_gradient(grad, clip_coef, maximize)
-    exp_avg_new = exp_avg.clone()
-    exp_avg_sq_new = exp_avg_sq.clone()
-    if weight_decay != 0.0:
-        if decoupled:
-            weight[:decay_end].mul_(1.0 - lr * weight_decay)
+def _torch_path(call, *, decay_factor, one_minus_beta1, beta2, one_minus_beta2, step_size,
+                bias_correction2_sqrt, eps, DECOUPLED):
+    """The kernel's math in torch ops, fp32."""
+    weight, g = call.load_weight(), call.load_gradient()
+    exp_avg_state, exp_avg_sq_state = call.states
+    exp_avg, exp_avg_sq = exp_avg_state.load(), exp_avg_sq_state.load()
+    decayed = slice(0, call.decay_end)
+    if call.weight_decay != 0.0:
+        if DECOUPLED:
+            weight[decayed].mul_(decay_factor)
         else:
-            g[:decay_end].add_(weight[:decay_end], alpha=weight_decay)
-    exp_avg_new.lerp_(g, 1.0 - beta1)
-    exp_avg_sq_new.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    denom = (exp_avg_sq_new.sqrt() / bias_correction2_sqrt).add_(eps)
-    weight.addcdiv_(exp_avg_new, denom, value=-step_size)
-    outputs = [(weights, weight), (exp_avg, exp_avg_new), (exp_avg_sq, exp_avg_sq_new)]
-    if weights is not param:
-        outputs.append((param, weight))
-    _common.commit(outputs, found_inf)
+            g[decayed].add_(weight[decayed], alpha=call.weight_decay)
+    exp_avg.lerp_(g, one_minus_beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=one_minus_beta2)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    weight.addcdiv_(exp_avg, denom, value=-step_size)
+    call.store_weight(weight)
+    exp_avg_state.store(exp_avg)
+    exp_avg_sq_state.store(exp_avg_sq)
 
 
 def adamw_update(param, grad, exp_avg, exp_avg_sq, *, step, lr, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, decoupled=True, maximize=False, decay_end=None,
-                 master=None, clip_coef=None, found_inf=None):
+                 master=None, compensation=None, clip_coef=None, exp_avg_absmax=None,
+                 exp_avg_sq_absmax=None):
     """One AdamW step (Adam with L2 when decoupled=False) over a flat buffer, in place.
 
-    param: (n,) fp32, bf16 or fp16; grad: (n,) same dtype; exp_avg, exp_avg_sq: (n,) fp32.
+    param: (n,) fp32, bf16 or fp16; grad: (n,) same dtype.
+    exp_avg, exp_avg_sq: (n,) in one format: fp32, bf16, or uint8 int8-codes, then with
+    exp_avg_absmax, exp_avg_sq_absmax (n / Q,) fp32 (n a multiple of quantization.Q; the first
+    moment has the signed code, the second the unsigned one).
     step: update count including this one (1 on the first update), for the bias corrections.
     decay_end: weight decay applies to elements [0, decay_end) only; None means all n.
-    master: (n,) fp32 master weights for a bf16/fp16 param (rejected for fp32): the update runs
-    on master and param receives the rounded result (param is not read).
-    clip_coef: 1-element fp32 tensor multiplying the gradient. found_inf: 1-element fp32 tensor;
-    non-zero leaves every buffer unchanged. Neither is read on the host.
+    master: (n,) fp32 master weights, or compensation: (n,) of param's dtype (Kahan), only for
+    a bf16/fp16 param; with neither the param is updated in its own precision (see _common).
+    clip_coef: 1-element fp32 tensor multiplying the gradient, read on the device only.
     Matches torch.optim.AdamW (decoupled=True) or torch.optim.Adam (decoupled=False) with
-    foreach=False, amsgrad=False; the math is in the module docstring.
+    foreach=False, amsgrad=False for fp32 state; the math is in the module docstring.
     """
-    _common.check_update_tensors(param, grad, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq},
-                                 master, clip_coef, found_inf)
+    call = _common.Update(
+        param, grad, [quantization.StateBuffer("exp_avg", exp_avg, exp_avg_absmax, True),
+                      quantization.StateBuffer("exp_avg_sq", exp_avg_sq, exp_avg_sq_absmax, False)],
+        master=master, compensation=compensation, clip_coef=clip_coef, decay_end=decay_end,
+        weight_decay=weight_decay, maximize=maximize)
     _common.check_step(step)
-    _common.check_nonnegative(lr=lr, eps=eps, weight_decay=weight_decay)
+    _common.check_nonnegative(lr=lr, eps=eps)
     if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
         raise ValueError(f"betas: each must be in [0, 1), got {betas}")
-    decay_end = _common.resolve_decay_end(decay_end, param.numel())
-    if param.numel() == 0:
-        return
     beta1, beta2 = float(betas[0]), float(betas[1])
-    options = dict(
-        lr=float(lr), beta1=beta1, beta2=beta2, eps=float(eps),
-        weight_decay=float(weight_decay), decoupled=bool(decoupled), maximize=bool(maximize),
-        step_size=lr / (1.0 - beta1**step),
-        bias_correction2_sqrt=(1.0 - beta2**step) ** 0.5,
+    scalars = dict(
+        decay_factor=1.0 - lr * weight_decay, one_minus_beta1=1.0 - beta1, beta2=beta2,
+        one_minus_beta2=1.0 - beta2, step_size=lr / (1.0 - beta1**step),
+        bias_correction2_sqrt=(1.0 - beta2**step) ** 0.5, eps=float(eps),
     )
-    weights = param if master is None else master
-    run = _launch if _common.use_triton(param) else _torch_path
-    run(weights, param, grad, exp_avg, exp_avg_sq, clip_coef, found_inf, decay_end, **options)
+    call.run(_adamw_kernel, _torch_path, scalars, DECOUPLED=bool(decoupled))
 
 
 def adamw_ref(param, grad, exp_avg, exp_avg_sq, *, step, lr, betas=(0.9, 0.999), eps=1e-8,
               weight_decay=0.0, decoupled=True, maximize=False, decay_end=None, clip_coef=None):
-    """Float64 reference of adamw_update; returns new (param, exp_avg, exp_avg_sq), float64.
+    """Float64 reference of adamw_update; returns new (weight, exp_avg, exp_avg_sq), float64,
+    before any rounding to a param dtype or a state format.
 
-    The inputs are not modified. For the master variant pass the master as `param` and round
-    the result to the param's dtype; a non-zero found_inf returns the inputs unchanged.
+    The inputs are not modified. Pass the weight as `param` (the master, or param +
+    compensation) and the moments' values (dequantized for int8).
     """
     p, g = param.double(), grad.double()
     m, v = exp_avg.double(), exp_avg_sq.double()

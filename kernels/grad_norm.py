@@ -16,13 +16,9 @@ import triton
 import triton.language as tl
 
 from . import _common
+from .quantization import abs_max
 
 NORM_TYPES = (2.0, 1.0, math.inf)
-
-
-@triton.jit
-def _max_propagating_nan(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -42,20 +38,16 @@ def _grad_norm_partials_kernel(
     elif NORM == 1:
         partial = tl.sum(tl.abs(grad), axis=0)
     else:
-        # tl.max may drop NaN on a GPU; torch's norm returns NaN, so combine NaN-propagating.
-        partial = tl.reduce(tl.abs(grad), 0, _max_propagating_nan)
+        partial = abs_max(grad, 0)  # NaN-propagating, as torch's norm
     tl.store(partials_ptr + program, partial)
 
 
 def _launch(grad, norm_type):
     """Partials from _grad_norm_partials_kernel, reduced with torch ops on the same device."""
     n = grad.numel()
-    grid = _common.grid(n)
-    partials = torch.empty(grid[0], dtype=torch.float32, device=grad.device)
+    partials = torch.empty(triton.cdiv(n, _common.BLOCK), dtype=torch.float32, device=grad.device)
     norm = {2.0: 2, 1.0: 1, math.inf: 0}[norm_type]
-    _grad_norm_partials_kernel[grid](grad, partials, n, BLOCK=_common.BLOCK, NORM=norm,
-                                     num_warps=_common.NUM_WARPS,
-                                     enable_fp_fusion=_common.FP_FUSION)
+    _common.launch(_grad_norm_partials_kernel, n, _common.BLOCK, grad, partials, n, NORM=norm)
     if norm == 2:
         return partials.sum().sqrt()
     if norm == 1:
@@ -82,7 +74,7 @@ def grad_norm(grad, norm_type=2.0):
         raise ValueError(f"norm_type: must be one of 2.0, 1.0, inf, got {norm_type}")
     if grad.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=grad.device)
-    run = _launch if _common.use_triton(grad) else _torch_path
+    run = _launch if _common.runs_triton(grad) else _torch_path
     return run(grad, float(norm_type))
 
 

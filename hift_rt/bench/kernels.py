@@ -1,10 +1,13 @@
 """`python -m hift_rt.bench kernels`: update-kernel bandwidth against a device copy and torch.optim.
 
-One row per kernel and dtype setting: elements, bytes moved per element (read + written), median
-ms, GB/s, % of the device-to-device copy bandwidth measured in the same run (`dst.copy_(src)`,
-read + write counted), and the speed-up over torch's best optimizer for the same number of
-elements laid out as a model's tensor list (~70 tensors): fused AdamW, fused SGD with momentum,
-foreach Adagrad; where fused is not available the foreach variant runs, and the row says which.
+One row per kernel and setting: elements, bytes moved per element (read + written, see
+`bytes_per_element`), median ms, GB/s, % of the device-to-device copy bandwidth measured in the
+same run (`dst.copy_(src)`, read + write counted). Rows with fp32 state also give the speed-up over
+torch's best optimizer for the same number of elements laid out as a model's tensor list (~70
+tensors): fused AdamW, fused SGD with momentum, foreach Adagrad; where fused is not available the
+foreach variant runs, and the row says which. Rows with compact state (bf16 or int8 moments, fp32
+master / Kahan compensation / no master) give instead their speed-up over the same kernel with
+fp32 state at equal parameter count (for a bf16 param: fp32 state + fp32 master, today's default).
 Each timed call rotates to another set of buffers, so that no call finds its inputs in cache.
 
 On CUDA the kernels are the compiled Triton ones. On CPU the torch path runs; the figures only
@@ -14,12 +17,12 @@ something to time: the benchmark refuses to run under it.
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
 
-from ..kernels import _common, adagrad_update, adamw_update, grad_norm, sgd_update
+from ..kernels import Q, _common, adagrad_update, adamw_update, grad_norm, quantize, sgd_update
 from . import _timing
 
 LR = 1e-4  # small, so that the repeated updates keep the buffers' values ordinary
@@ -31,18 +34,21 @@ class Row:
     kernel: str
     setting: str
     elements: int
-    bytes_per_element: int
+    bytes_per_element: float
     ms: float
     GBps: float
     copy_fraction: float  # GBps / the copy's GB/s in the same run
-    torch_baseline: Optional[str]  # what the torch figure runs; None for the copy row
+    torch_baseline: Optional[str]  # what the torch figure runs; None for the copy, compact rows
     torch_ms: Optional[float]
     speedup: Optional[float]  # torch_ms / ms
+    fp32_state_setting: Optional[str] = None  # compact rows: the fp32-state row compared with
+    fp32_state_speedup: Optional[float] = None  # its ms / this row's ms
 
 
 def add_arguments(parser):
     parser.add_argument("--elements", type=int, default=None,
-                        help="elements per buffer (default: 64 Mi on CUDA, 256 Ki on CPU)")
+                        help=f"elements per buffer, a multiple of {Q} (int8 blocks; default: 64 Mi "
+                             "on CUDA, 256 Ki on CPU)")
     parser.add_argument("--reps", type=int, default=None,
                         help="timed repetitions per row (default: 100 on CUDA, 20 on CPU)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
@@ -146,73 +152,123 @@ def _norm_baseline(sets):
                              ("get_total_norm", lambda: build(None))])
 
 
-def _make_sets(n, device, count, *, dtype, master, states, clip=False):
-    """`count` independent buffer sets: weights (fp32 master or the param), param, grad and the
-    named fp32 states; the torch baselines copy these, so both start from the same values."""
+@dataclass(frozen=True)
+class Variant:
+    """What one update kernel call moves: param dtype, where the weight lives ("param" for an
+    fp32 param, "master", "kahan" or "none" for a bf16 one), its moments and their format."""
+    param: torch.dtype
+    weights: str
+    states: Tuple[str, ...]
+    state: str = "fp32"  # "fp32", "bf16" or "int8"
+
+    @property
+    def setting(self):
+        param = "fp32" if self.param == torch.float32 else \
+            "bf16" + ("" if self.weights == "none" else "+" + self.weights)
+        return param if self.state == "fp32" else f"{param} {self.state} state"
+
+    @property
+    def fp32_state(self):
+        """The variant with fp32 state this one is compared with (today's default)."""
+        return Variant(self.param, "param" if self.param == torch.float32 else "master", self.states)
+
+
+def bytes_per_element(variant):
+    """Bytes one element moves, read + written: the gradient (read), the param (written; read
+    unless an fp32 master holds the weight), the fp32 master (8) or the compensation (2 x the
+    param's size), and each moment read and written: fp32 4, bf16 2, int8 1 + 4 / Q (codes and
+    absmax). E.g. AdamW: fp32 28, bf16+master 28, bf16+kahan int8 state 14.125, bf16 int8 state
+    10.125. The int8 code's 2 KB table is read from L1 and not counted."""
+    size = torch.empty((), dtype=variant.param).element_size()
+    weights = {"param": 2 * size, "master": size + 8, "kahan": 4 * size, "none": 2 * size}[variant.weights]
+    state = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0 + 4.0 / Q}[variant.state]
+    return size + weights + 2 * state * len(variant.states)
+
+
+def _make_sets(n, device, count, variant, clip=False):
+    """`count` independent buffer sets: grad, weights (the fp32 values the torch baselines start
+    from), param, master or compensation, and the moments in the variant's format."""
     sets = []
+    signed = {"exp_avg": True, "exp_avg_sq": False, "sum": False, "momentum_buffer": True}
     for _ in range(count):
-        buffers = {"grad": _random(n, device, dtype) * 1e-2}
+        buffers = {"grad": _random(n, device, variant.param) * 1e-2}
         buffers["weights"] = _random(n, device)
-        buffers["param"] = buffers["weights"].to(dtype) if master else buffers["weights"]
-        for state in states:
-            buffers[state] = torch.rand(n, device=device) * 1e-4
+        buffers["param"] = buffers["weights"].to(variant.param)
+        if variant.weights == "master":
+            buffers["master"] = buffers["weights"]
+        elif variant.weights == "kahan":
+            buffers["compensation"] = torch.zeros(n, device=device, dtype=variant.param)
+        for state in variant.states:
+            values = torch.rand(n, device=device) * 1e-4
+            if variant.state == "int8":
+                buffers[state], buffers[state + "_absmax"] = quantize(values, signed[state])
+            else:
+                buffers[state] = values.to({"fp32": torch.float32, "bf16": torch.bfloat16}[variant.state])
         if clip:
             # min(1, max_norm / norm) is 1 unless the gradient is too large: the common case,
             # and the torch baseline's in-place multiply then leaves the gradients as they are.
             buffers["clip_coef"] = torch.ones(1, device=device)
-            buffers["found_inf"] = torch.zeros(1, device=device)
         sets.append(buffers)
     return sets
 
 
-def _set_bytes(n, dtype, master, states):
-    itemsize = torch.tensor([], dtype=dtype).element_size()
-    return n * (2 * itemsize + 4 * len(states) + (4 if master else 0))
+def _adamw(b):
+    adamw_update(b["param"], b["grad"], b["exp_avg"], b["exp_avg_sq"], step=STEP, lr=LR,
+                 weight_decay=0.01, master=b.get("master"), compensation=b.get("compensation"),
+                 clip_coef=b.get("clip_coef"), exp_avg_absmax=b.get("exp_avg_absmax"),
+                 exp_avg_sq_absmax=b.get("exp_avg_sq_absmax"))
+
+
+def _adagrad(b):
+    adagrad_update(b["param"], b["grad"], b["sum"], step=STEP, lr=LR, master=b.get("master"),
+                   compensation=b.get("compensation"), state_sum_absmax=b.get("sum_absmax"))
+
+
+def _sgd(b):
+    sgd_update(b["param"], b["grad"], b["momentum_buffer"], lr=LR, momentum=0.9,
+               master=b.get("master"), compensation=b.get("compensation"),
+               momentum_buffer_absmax=b.get("momentum_buffer_absmax"))
+
+
+def _norm(b):
+    grad_norm(b["grad"])
+
+
+def _torch_adagrad(masters):
+    return lambda sets: _optimizer_baseline(sets, torch.optim.Adagrad, ("foreach",), masters=masters)
+
+
+def _torch_sgd(masters):
+    return lambda sets: _optimizer_baseline(sets, torch.optim.SGD, ("fused", "foreach"),
+                                            masters=masters, momentum=0.9)
 
 
 def _cases():
-    """(kernel, setting, bytes/element, dtype, master, states, clip, ours, baseline)."""
-    def adamw(b):
-        adamw_update(b["param"], b["grad"], b["exp_avg"], b["exp_avg_sq"], step=STEP, lr=LR,
-                     weight_decay=0.01, master=b["weights"] if b["weights"] is not b["param"]
-                     else None, clip_coef=b.get("clip_coef"), found_inf=b.get("found_inf"))
-
-    def adagrad(b):
-        adagrad_update(b["param"], b["grad"], b["sum"], step=STEP, lr=LR)
-
-    def sgd(b):
-        sgd_update(b["param"], b["grad"], b["momentum_buffer"], lr=LR, momentum=0.9,
-                   master=b["weights"] if b["weights"] is not b["param"] else None)
-
-    def norm(b):
-        grad_norm(b["grad"])
-
-    adam_states, bf16 = ("exp_avg", "exp_avg_sq"), torch.bfloat16
-    fused = ("fused", "foreach")
-    return [
-        # 28 B: weights read + written (8), grad read (4), m and v read + written (16).
-        ("adamw", "fp32", 28, torch.float32, False, adam_states, False, adamw,
+    """(kernel, variant, clip, ours, torch baseline or None), fp32-state rows before the compact
+    rows that compare with them."""
+    f32, bf16, fused = torch.float32, torch.bfloat16, ("fused", "foreach")
+    adam = ("exp_avg", "exp_avg_sq")
+    cases = [
+        ("adamw", Variant(f32, "param", adam), False, _adamw,
          lambda s: _optimizer_baseline(s, torch.optim.AdamW, fused, weight_decay=0.01)),
-        ("adamw", "fp32 clip+found_inf", 28, torch.float32, False, adam_states, True, adamw,
-         lambda s: _optimizer_baseline(s, torch.optim.AdamW, fused, clip=True,
-                                       weight_decay=0.01)),
-        # 28 B: master 8, bf16 grad read 2, m and v 16, bf16 param written 2.
-        ("adamw", "bf16+master", 28, bf16, True, adam_states, False, adamw,
-         lambda s: _optimizer_baseline(s, torch.optim.AdamW, fused, masters=True,
-                                       weight_decay=0.01)),
-        # 20 B: weights 8, grad 4, sum 8.
-        ("adagrad", "fp32", 20, torch.float32, False, ("sum",), False, adagrad,
-         lambda s: _optimizer_baseline(s, torch.optim.Adagrad, ("foreach",))),
-        # 20 B: weights 8, grad 4, buffer 8.
-        ("sgd-momentum", "fp32", 20, torch.float32, False, ("momentum_buffer",), False, sgd,
-         lambda s: _optimizer_baseline(s, torch.optim.SGD, fused, momentum=0.9)),
-        # 20 B: master 8, bf16 grad 2, buffer 8, bf16 param written 2.
-        ("sgd-momentum", "bf16+master", 20, bf16, True, ("momentum_buffer",), False, sgd,
-         lambda s: _optimizer_baseline(s, torch.optim.SGD, fused, masters=True, momentum=0.9)),
-        # Norms read the gradient once.
-        ("grad_norm", "fp32 l2", 4, torch.float32, False, (), False, norm, _norm_baseline),
-        ("grad_norm", "bf16 l2", 2, bf16, False, (), False, norm, _norm_baseline),
+        ("adamw", Variant(f32, "param", adam), True, _adamw,
+         lambda s: _optimizer_baseline(s, torch.optim.AdamW, fused, clip=True, weight_decay=0.01)),
+        ("adamw", Variant(bf16, "master", adam), False, _adamw,
+         lambda s: _optimizer_baseline(s, torch.optim.AdamW, fused, masters=True, weight_decay=0.01)),
     ]
+    for state in ("bf16", "int8"):
+        cases.append(("adamw", Variant(f32, "param", adam, state), False, _adamw, None))
+        cases += [("adamw", Variant(bf16, weights, adam, state), False, _adamw, None)
+                  for weights in ("master", "kahan", "none")]
+    for kernel, states, ours, baseline in (("adagrad", ("sum",), _adagrad, _torch_adagrad),
+                                           ("sgd-momentum", ("momentum_buffer",), _sgd, _torch_sgd)):
+        cases += [
+            (kernel, Variant(f32, "param", states), False, ours, baseline(False)),
+            (kernel, Variant(bf16, "master", states), False, ours, baseline(True)),
+            (kernel, Variant(f32, "param", states, "int8"), False, ours, None),
+            (kernel, Variant(bf16, "kahan", states, "int8"), False, ours, None),
+        ]
+    return cases
 
 
 def run(elements=None, reps=None, device=None):
@@ -223,6 +279,8 @@ def run(elements=None, reps=None, device=None):
         raise SystemExit("TRITON_INTERPRET=1 sends CPU tensors to Triton's interpreter, which is "
                          "not worth timing: unset it to benchmark the torch path")
     elements = elements or (64 << 20 if cuda else 256 << 10)
+    if elements <= 0 or elements % Q != 0:
+        raise SystemExit(f"--elements must be a positive multiple of {Q} (int8 blocks), got {elements}")
     reps = reps or (100 if cuda else 20)
     warmup = 10 if cuda else 5
 
@@ -239,20 +297,38 @@ def run(elements=None, reps=None, device=None):
     del sources, targets
     rows = [Row("copy", "fp32", copy_elements, 8, copy_ms, copy_gbps, 1.0, None, None, None)]
 
-    for kernel, setting, bytes_per_element, dtype, master, states, clip, ours, baseline \
-            in _cases():
-        count = _timing.buffer_sets(_set_bytes(elements, dtype, master, states))
-        sets = _make_sets(elements, device, count, dtype=dtype, master=master, states=states,
-                          clip=clip)
+    def measure(kernel, setting, bytes_per_elem, sets, ours, baseline):
         ms = time_calls([lambda b=b: ours(b) for b in sets])
-        label, torch_calls = baseline(sets)
-        torch_ms = time_calls(torch_calls)
-        speed = _timing.gbps(bytes_per_element * elements, ms)
-        rows.append(Row(kernel, setting, elements, bytes_per_element, ms, speed,
-                        speed / copy_gbps, label, torch_ms, torch_ms / ms))
-        del sets, torch_calls
+        label, torch_ms = None, None
+        if baseline is not None:
+            label, torch_calls = baseline(sets)
+            torch_ms = time_calls(torch_calls)
+            del torch_calls
+        speed = _timing.gbps(bytes_per_elem * elements, ms)
+        rows.append(Row(kernel, setting, elements, bytes_per_elem, ms, speed, speed / copy_gbps,
+                        label, torch_ms, None if torch_ms is None else torch_ms / ms))
         if cuda:
             torch.cuda.empty_cache()
+
+    fp32_ms = {}
+    for kernel, variant, clip, ours, baseline in _cases():
+        setting = variant.setting + (" clip" if clip else "")
+        count = _timing.buffer_sets(bytes_per_element(variant) * elements)
+        measure(kernel, setting, bytes_per_element(variant),
+                _make_sets(elements, device, count, variant, clip), ours, baseline)
+        if variant.state == "fp32" and not clip:
+            fp32_ms[kernel, variant] = rows[-1].ms
+        else:
+            reference = variant.fp32_state
+            if variant.state != "fp32":
+                rows[-1].fp32_state_setting = reference.setting
+                rows[-1].fp32_state_speedup = fp32_ms[kernel, reference] / rows[-1].ms
+    for setting, dtype in (("fp32 l2", torch.float32), ("bf16 l2", torch.bfloat16)):
+        # Norms read the gradient once.
+        variant = Variant(dtype, "none", ())
+        sets = _make_sets(elements, device, _timing.buffer_sets(4 * elements), variant)
+        measure("grad_norm", setting, torch.empty((), dtype=dtype).element_size(), sets, _norm,
+                _norm_baseline)
 
     return {
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
@@ -267,15 +343,15 @@ def _print(result):
     print(f"device {result['device']} ({result['path']} path), torch {result['torch']}, "
           f"triton {result['triton']}, {result['reps']} reps, "
           f"copy {result['copy_GBps']:.0f} GB/s")
-    header = (f"{'kernel':<13}{'setting':<21}{'elements':>11}{'B/elem':>7}{'ms':>10}"
-              f"{'GB/s':>9}{'% copy':>8}{'torch ms':>10}{'speed-up':>9}  torch baseline")
-    print(header)
+    print(f"{'kernel':<13}{'setting':<27}{'elements':>11}{'B/elem':>8}{'ms':>10}{'GB/s':>9}"
+          f"{'% copy':>8}{'vs fp32':>9}{'torch ms':>10}{'speed-up':>9}  torch baseline")
     for row in result["rows"]:
+        versus = "" if row["fp32_state_speedup"] is None else f"{row['fp32_state_speedup']:.2f}x"
         baseline = "" if row["torch_baseline"] is None else (
             f"{row['torch_ms']:>10.4f}{row['speedup']:>8.2f}x  {row['torch_baseline']}")
-        print(f"{row['kernel']:<13}{row['setting']:<21}{row['elements']:>11}"
-              f"{row['bytes_per_element']:>7}{row['ms']:>10.4f}{row['GBps']:>9.1f}"
-              f"{100 * row['copy_fraction']:>7.1f}%{baseline}")
+        print(f"{row['kernel']:<13}{row['setting']:<27}{row['elements']:>11}"
+              f"{row['bytes_per_element']:>8.3f}{row['ms']:>10.4f}{row['GBps']:>9.1f}"
+              f"{100 * row['copy_fraction']:>7.1f}%{versus:>9}{baseline}")
 
 
 def main(args):
