@@ -14,11 +14,12 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .families import FAMILIES, Family
+from .families import FAMILIES, STATE_DTYPES, Family
 from .rotation import STRATEGIES
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LR_POLICIES = ("cycle", "step")
+MASTER_WEIGHTS = ("auto", True, False, "fp32", "kahan")
 
 
 def _finite_number(value) -> bool:
@@ -56,6 +57,7 @@ class HiFTConfig:
     max_grad_norm: Optional[float] = None
     no_decay: Union[None, str, Sequence[str], Callable[[str], bool]] = None
     master_weights: Union[str, bool] = "auto"
+    state_dtype: str = "fp32"
     seed: int = 0
     state_window: Union[str, int, None] = "auto"
     hyperparameters: dict = field(default_factory=dict)
@@ -85,8 +87,10 @@ class HiFTConfig:
             raise ValueError(f"lr_policy must be 'cycle' or 'step', got {self.lr_policy!r}")
         if self.offload not in ("auto", True, False):
             raise ValueError(f"offload must be 'auto', True or False, got {self.offload!r}")
-        if self.master_weights not in ("auto", True, False):
-            raise ValueError(f"master_weights must be 'auto', True or False, got {self.master_weights!r}")
+        if self.master_weights not in MASTER_WEIGHTS:
+            raise ValueError(f"master_weights must be one of {MASTER_WEIGHTS}, got {self.master_weights!r}")
+        if self.state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {tuple(STATE_DTYPES)}, got {self.state_dtype!r}")
         if self.max_grad_norm is not None and not (_finite_number(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {self.max_grad_norm!r}")
         if isinstance(self.units_per_group, bool) or not isinstance(self.units_per_group, int) or self.units_per_group < 1:
@@ -115,20 +119,30 @@ class HiFTConfig:
             raise ValueError(f"unknown optim {optim!r}: expected one of {sorted(FAMILIES)} "
                              "or a torch.optim.Optimizer subclass")
 
-    def memory_policy(self, device: torch.device, dtype: torch.dtype) -> Tuple[bool, bool]:
-        """(master_weights, offload) for parameters of `dtype` on `device`."""
+    def memory_policy(self, device: torch.device, dtype: torch.dtype) -> Tuple[Optional[str], bool]:
+        """(master, offload) for parameters of `dtype` on `device`: master is None (the
+        parameters are their own master), "fp32" (an fp32 copy) or "kahan" (a compensation
+        buffer in the parameters' dtype); offload says whether inactive groups' state lives in
+        host memory."""
         if not dtype.is_floating_point:
             raise ValueError(f"parameters are {dtype}; only floating-point parameters can be trained")
         if self.family is not None and dtype not in FUSED_DTYPES:
             raise ValueError(f"parameters are {dtype}; the fused kernels take float32, bfloat16 or float16")
         master = self.master_weights
         if master == "auto":
-            master = dtype != torch.float32
-        elif master and dtype == torch.float32:
-            raise ValueError("master_weights=True needs bfloat16 or float16 parameters; "
+            master = "fp32" if dtype != torch.float32 else None
+        elif master is True:
+            master = "fp32"
+        elif master is False:
+            master = None
+        if master is not None and dtype == torch.float32:
+            raise ValueError(f"master_weights={self.master_weights!r} needs bfloat16 or float16 parameters; "
                              "float32 parameters are their own master")
+        if self.torch_class is not None and (master == "kahan" or self.state_dtype != "fp32"):
+            raise ValueError(f"optim={self.optim_name}: master_weights='kahan' and state_dtype other than "
+                             "'fp32' need a fused optimizer ('adamw', 'adam', 'adagrad', 'sgd')")
         offload = device.type == "cuda" if self.offload == "auto" else self.offload
-        return bool(master), bool(offload)
+        return master, bool(offload)
 
     def window_bytes(self, device: torch.device) -> Optional[int]:
         """The device bytes an offloaded group's state may stream through (None: the whole group).

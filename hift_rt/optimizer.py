@@ -151,9 +151,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
         config, active = self.config, self._rotation.active
         store = StateStore(len(self.groups), self.device, self.engine)
         if config.family is not None:
-            return FusedUpdater(self.groups, store, config.family, self.defaults, self.master_weights, active,
-                                config.window_bytes(self.device))
-        return TorchClassUpdater(self.groups, store, config.torch_class, config.options, self.master_weights,
+            return FusedUpdater(self.groups, store, config.family, self.defaults, config.state_dtype,
+                                self.master_weights, active, config.window_bytes(self.device))
+        return TorchClassUpdater(self.groups, store, config.torch_class, config.options, self.master_weights == "fp32",
                                  config.no_decay is not None, config.optim_name, config.lr, active)
 
     # -- torch.optim.Optimizer surface ------------------------------------------------------
@@ -311,6 +311,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
                     "version": STATE_DICT_VERSION,
                     "optim": self.config.optim_name,
                     "master_weights": self.master_weights,
+                    "state_dtype": self.config.state_dtype,
                     "groups": [[n for n, _ in group.params] for group in self.groups],
                     "group_steps": list(self._steps),
                     "rotation": self._rotation.state_dict(),
@@ -470,7 +471,12 @@ def wrap(model: nn.Module, optim: Union[str, type] = "adamw", **arguments) -> Hi
     max_grad_norm: clip the active group's gradient to this norm (computed on the device).
     no_decay: parameter-name substrings that get no weight decay, e.g. ("bias", "norm"), or a
         function name -> bool.
-    master_weights: "auto" (fp32 master for bf16/fp16 parameters), True or False.
+    master_weights: for bf16/fp16 parameters, "fp32" (an fp32 master copy; True and "auto" mean
+        it too), "kahan" (a compensation buffer in the parameters' dtype: parameter +
+        compensation tracks the fp32 trajectory closely at 2 bytes per parameter) or False (plain
+        low-precision updates: lossy). fp32 parameters are their own master.
+    state_dtype: how the fused optimizers store their moments: "fp32" (default), "bf16", or
+        "int8" (blockwise 8-bit dynamic code, one fp32 absmax per 128 elements).
     seed: the random order's seed.
     state_window: with offload, the device bytes an offloaded group's state streams through:
         "auto" (see HiFTConfig.window_bytes), None (the whole largest group's state on the

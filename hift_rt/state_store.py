@@ -38,9 +38,9 @@ from .engine import HostBuffer, TransferEngine
 FIELD_ALIGN = 64  # bytes: every field starts 16-byte aligned for 128-bit accesses, and cache-line aligned
 
 
-class Field(NamedTuple):
-    """One flat buffer of a group's state: (numel,) elements of dtype, one element per `per`
-    elements of the group's flat buffer (1 for per-element state, a block size for per-block
+class StoredField(NamedTuple):
+    """One flat buffer of a group's state as stored: (numel,) elements of dtype, one element per
+    `per` elements of the group's flat buffer (1 for per-element state, a block size for per-block
     scales; `per` divides the chunk size and every chunk start)."""
     name: str
     dtype: torch.dtype
@@ -56,7 +56,7 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // FIELD_ALIGN) * FIELD_ALIGN
 
 
-def _offsets(fields: List[Field]):
+def _offsets(fields: List[StoredField]):
     """Byte offset of each field in a blob, and the blob's size."""
     offsets, end = [], 0
     for f in fields:
@@ -65,13 +65,13 @@ def _offsets(fields: List[Field]):
     return offsets, end
 
 
-def _views(blob: torch.Tensor, fields: List[Field]) -> Dict[str, torch.Tensor]:
+def _views(blob: torch.Tensor, fields: List[StoredField]) -> Dict[str, torch.Tensor]:
     """The fields of a (nbytes,) uint8 blob, as typed (numel,) views."""
     offsets, _ = _offsets(fields)
     return {f.name: blob[off:off + f.nbytes].view(f.dtype) for f, off in zip(fields, offsets)}
 
 
-def _part(f: Field, start: int, end: int) -> Tuple[int, int]:
+def _part(f: StoredField, start: int, end: int) -> Tuple[int, int]:
     """The elements of field f that cover group elements [start, end)."""
     return start // f.per, min(f.numel, -(-end // f.per))
 
@@ -84,7 +84,7 @@ class StateStore:
     def __init__(self, k: int, device: torch.device, engine: Optional[TransferEngine]):
         self.device = device
         self.engine = engine
-        self._fields: List[List[Field]] = [[] for _ in range(k)]
+        self._fields: List[List[StoredField]] = [[] for _ in range(k)]
         self._elements = [0] * k  # each group's flat elements (the range stream() walks)
         self._blobs: List[Optional[torch.Tensor]] = [None] * k  # device blobs (offload=False)
         self._hosts: List[Optional[HostBuffer]] = [None] * k  # host buffers (offload=True)
@@ -117,7 +117,7 @@ class StateStore:
     def nbytes(self, g: int) -> int:
         return _offsets(self._fields[g])[1]
 
-    def fields(self, g: int) -> List[Field]:
+    def fields(self, g: int) -> List[StoredField]:
         return list(self._fields[g])
 
     def device_bytes(self) -> int:
@@ -130,7 +130,7 @@ class StateStore:
         return sum(h.nbytes for h in self._hosts if h is not None)
 
     # -- layout ------------------------------------------------------------------------------
-    def define(self, g: int, fields: List[Field], values: Dict[str, torch.Tensor], elements: int = 0) -> None:
+    def define(self, g: int, fields: List[StoredField], values: Dict[str, torch.Tensor], elements: int = 0) -> None:
         """Set group g's fields and their contents (each value a tensor of the field's numel, on
         any device); `elements` is the group's flat size (for stream()). At wrap for every group;
         again when an optimizer creates its state on a group's first step (whole-group slot

@@ -18,9 +18,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .families import Family
-from .flat import FlatGroup
-from .state_store import Field, StateStore
+from .families import SIGNED, Family, slice_state
+from .flat import FlatGroup, aligned
+from .kernels import Q, dequantize
+from .state_store import StateStore, StoredField
 
 ParamState = Optional[Dict[str, object]]  # torch's per-parameter state entry, None if it has none
 
@@ -82,6 +83,11 @@ class Updater(ABC):
                     continue
                 if not torch.is_tensor(value) or value.dim() == 0:
                     continue
+                if key.endswith("_absmax"):  # one per quantization block: a maximum of magnitudes
+                    if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
+                        raise ValueError(f"state '{key}' of parameter '{name}' is negative or non-finite: "
+                                         "the checkpoint is corrupt")
+                    continue
                 if value.numel() != p.numel():
                     raise ValueError(f"state '{key}' of parameter '{name}' has {value.numel()} elements, "
                                      f"the parameter {p.numel()}")
@@ -103,50 +109,45 @@ class Updater(ABC):
 
 
 class FusedUpdater(Updater):
-    """Each group's state: the family's fp32 buffers (e.g. exp_avg, exp_avg_sq) and, for bf16/fp16
-    parameters, an fp32 master, each as long as the group's flat buffer; one launch per step."""
+    """Each group's state: the family's fields in the chosen format (moments as fp32, bf16, or int8
+    codes with a per-block absmax) and, for bf16/fp16 parameters, an fp32 "master" or a Kahan
+    "compensation" (hift_rt.families.Family.fields); one launch per run of parameters per chunk."""
 
-    def __init__(self, groups, store, family: Family, options: dict, master_weights: bool, active: int,
-                 window_bytes: Optional[int] = None):
+    def __init__(self, groups, store, family: Family, options: dict, state_dtype: str, master: Optional[str],
+                 active: int, window_bytes: Optional[int] = None):
         super().__init__(groups, store)
         self.family = family
-        self.master_weights = master_weights
-        self.state_names = family.state_names(options)
         self.wrap_options = options  # the initial state depends on them (Adagrad's accumulator)
+        self.fields = family.fields(options, state_dtype, master, groups[0].flat.dtype)
         # Updates each parameter has had (torch's per-parameter "step"): they differ within a
         # group only when some parameters went without a gradient on some steps.
         self.param_steps = [[0] * len(group.params) for group in groups]
         for group in groups:
-            store.define(group.index, self._fields(group), self._initial(group, options), elements=group.numel)
+            stored = [StoredField(f.name, f.dtype, group.numel // f.per, f.per) for f in self.fields]
+            store.define(group.index, stored, self._initial(group), elements=group.numel)
         if store.offloaded:
             store.start(active, window_bytes)
 
-    def _fields(self, group: FlatGroup) -> List[Field]:
-        names = list(self.state_names) + (["master"] if self.master_weights else [])
-        return [Field(name, torch.float32, group.numel) for name in names]
-
-    def _initial(self, group: FlatGroup, options: dict) -> Dict[str, torch.Tensor]:
-        """State before the first update; the master is the fp32 value of the weights."""
-        values = self.family.initial_state(group.numel, group.flat.device, options)
-        if self.master_weights:
-            values["master"] = group.flat.float()
-        return values
+    def _initial(self, group: FlatGroup) -> Dict[str, torch.Tensor]:
+        """The group's state before the first update, in the format of self.fields: zero moments
+        (Adagrad: its initial accumulator), the master the fp32 value of the weights."""
+        fp32 = self.family.initial_state(group.numel, group.flat.device, self.wrap_options)
+        return self.family.to_format(fp32, self.fields, group.flat)
 
     @staticmethod
     def _runs(group: FlatGroup, has_grad: List[bool], steps: List[int]) -> List[List[int]]:
         """[start, end, step] element ranges to update: runs of consecutive parameters that have a
-        gradient and the same step count (with the zero alignment gaps between them, which stay
-        zero). The usual case is one run over the whole buffer."""
+        gradient and the same step count, each parameter with the zero alignment gap after it (so
+        every range holds whole quantization blocks; zeros stay zero). The usual case is one run
+        over the whole buffer."""
         runs: List[List[int]] = []
         for i, (_, _, off, n) in enumerate(group.slices()):
             if not has_grad[i]:
                 continue
             if runs and has_grad[i - 1] and steps[i - 1] == steps[i]:  # parameter i - 1 ends the last run
-                runs[-1][1] = off + n
+                runs[-1][1] = aligned(off + n)
             else:
-                runs.append([off, off + n, steps[i]])
-        if len(runs) == 1 and all(has_grad):
-            runs[0][1] = group.numel  # the trailing gap too: one aligned launch over the whole buffer
+                runs.append([off, aligned(off + n), steps[i]])
         return runs
 
     def update(self, group, grad, has_grad, *, lr, options, clip_coef):
@@ -155,16 +156,17 @@ class FusedUpdater(Updater):
         for start, end, views in self.store.stream(group.index):
             for run_start, run_end, step in runs:
                 lo, hi = max(start, run_start), min(end, run_end)
-                if lo >= hi:
-                    continue
-                local = slice(lo - start, hi - start)
-                self.family.update(group.flat[lo:hi], grad[lo:hi], {k: views[k][local] for k in self.state_names},
-                                   step=step, lr=lr, options=options,
-                                   decay_end=min(max(group.decay_end - lo, 0), hi - lo),
-                                   master=views["master"][local] if self.master_weights else None,
-                                   clip_coef=clip_coef)
+                if lo < hi:
+                    self.family.update(group.flat[lo:hi], grad[lo:hi],
+                                       slice_state(views, self.fields, lo - start, hi - start),
+                                       step=step, lr=lr, options=options,
+                                       decay_end=min(max(group.decay_end - lo, 0), hi - lo), clip_coef=clip_coef)
         self.param_steps[group.index] = steps
 
+    # -- checkpoints -------------------------------------------------------------------------
+    # A parameter's entry holds its slice of every field: per-element fields shaped like the
+    # parameter (exp_avg, ..., master or compensation), an int8 moment's "<name>_absmax" as its
+    # ceil(numel / Q) blocks (a parameter owns whole blocks: see hift_rt.flat.PARAM_ALIGN).
     def group_state(self, group):
         steps = self.param_steps[group.index]
         if not any(steps):
@@ -172,37 +174,96 @@ class FusedUpdater(Updater):
         fields = self.store.read(group.index)
         entries: List[ParamState] = []
         for (_, p, off, n), step in zip(group.slices(), steps):
-            entry: Dict[str, object] = {}
-            if step and self.family.has_step:
-                entry["step"] = torch.tensor(float(step))
-            if step:
-                entry.update({name: buf[off:off + n].view(p.shape) for name, buf in fields.items()})
-            # Never updated: no state, as in torch; plain SGD in fp32 keeps nothing either.
-            entries.append(entry or None)
+            if not step:
+                entries.append(None)  # never updated: no state, as in torch
+                continue
+            entry: Dict[str, object] = {"step": torch.tensor(float(step))} if self.family.has_step else {}
+            for f in self.fields:
+                part = fields[f.name][off // f.per:-(-(off + n) // f.per)]
+                entry[f.name] = part.view(p.shape) if f.per == 1 else part
+            entries.append(entry or None)  # plain SGD in fp32 keeps nothing, as in torch
         return entries
 
     def check_group_state(self, group, entries):
         super().check_group_state(group, entries)
-        required = list(self.state_names) + (["step"] if self.family.has_step else [])
-        for (name, _), entry in zip(group.params, entries):
-            missing = [key for key in required if entry is not None and key not in entry]
+        for (name, p), entry in zip(group.params, entries):
+            if entry is None:
+                continue
+            missing = [key for key in self.family.state_names(self.wrap_options) if key not in entry]
+            if self.family.has_step and "step" not in entry:
+                missing.append("step")
+            missing += [key + "_absmax" for key in self.family.state_names(self.wrap_options)
+                        if key in entry and torch.as_tensor(entry[key]).dtype == torch.uint8 and key + "_absmax" not in entry]
             if missing:
                 raise ValueError(f"state of parameter '{name}' has no {missing} (optim={self.family.name!r})")
+            for key, value in entry.items():
+                if key.endswith("_absmax") and torch.as_tensor(value).numel() != -(-p.numel() // Q):
+                    raise ValueError(f"state '{key}' of parameter '{name}' has {torch.as_tensor(value).numel()} "
+                                     f"blocks, the parameter {-(-p.numel() // Q)} of {Q}")
 
     def load_group_state(self, group, entries):
-        values = self._initial(group, self.wrap_options)
+        """Entries in this optimizer's format are copied as they are (a resume is bit-exact);
+        moments in another format (fp32, bf16 or int8) are converted, and a master is taken from
+        "master", from "compensation" (+ the weights), or from the weights."""
+        values = self._initial(group)
         steps = []
-        for (name, p, off, n), entry in zip(group.slices(), entries):
+        for (_, p, off, n), entry in zip(group.slices(), entries):
             if entry is None:
                 steps.append(0)  # never updated: initial state
                 continue
-            for key, buf in values.items():
-                if key in entry:  # a checkpoint without masters (e.g. torch's AdamW) keeps the weights' value
-                    buf[off:off + n].copy_(torch.as_tensor(entry[key]).reshape(-1))
+            span = aligned(off + n) - off  # the parameter and its gap: whole int8 blocks
+            target = slice_state(values, self.fields, off, off + span)
+            weights = group.flat[off:off + span]
+            for f in self.fields:
+                if f.per > 1:
+                    continue  # an absmax goes with its moment
+                if f.name in ("master", "compensation"):
+                    fp32 = {"master": _padded(self._master_of(entry, weights[:n]), span)}
+                else:
+                    saved = torch.as_tensor(entry[f.name])
+                    if saved.dtype == f.dtype:  # the same format: exact
+                        target[f.name][:n].copy_(saved.reshape(-1))
+                        if f.dtype == torch.uint8:
+                            blocks = torch.as_tensor(entry[f.name + "_absmax"]).reshape(-1)
+                            target[f.name + "_absmax"][:blocks.numel()].copy_(blocks)
+                        continue
+                    fp32 = {f.name: _padded(self._moment_of(entry, f.name), span)}
+                own = [g for g in self.fields if g.name in (f.name, f.name + "_absmax")]
+                converted = self.family.to_format(fp32, own, weights)
+                for name, value in converted.items():
+                    target[name].copy_(value)
             # SGD keeps no step: a momentum buffer means at least one update.
             steps.append(int(float(entry["step"])) if "step" in entry else 1)
         self.param_steps[group.index] = steps
         self.store.write(group.index, values)
+
+    @staticmethod
+    def _moment_of(entry: dict, name: str) -> torch.Tensor:
+        """A saved moment's fp32 values, (numel,), whatever its format."""
+        saved = torch.as_tensor(entry[name]).reshape(-1)
+        if saved.dtype != torch.uint8:
+            return saved.float()
+        absmax = torch.as_tensor(entry[name + "_absmax"]).reshape(-1).float()
+        blocks = absmax.numel() * Q
+        return dequantize(_padded(saved, blocks), absmax, SIGNED[name])[:saved.numel()]
+
+    @staticmethod
+    def _master_of(entry: dict, weights: torch.Tensor) -> torch.Tensor:
+        """The fp32 master a saved entry implies: its master, the weights + its compensation, or
+        the weights (a checkpoint without either, e.g. torch's AdamW)."""
+        if "master" in entry:
+            return torch.as_tensor(entry["master"]).reshape(-1).float()
+        master = weights.float()
+        if "compensation" in entry:
+            master = master + torch.as_tensor(entry["compensation"]).reshape(-1).to(master.device).float()
+        return master
+
+
+def _padded(values: torch.Tensor, length: int) -> torch.Tensor:
+    """values (numel <= length,) followed by zeros up to length."""
+    out = torch.zeros(length, dtype=values.dtype, device=values.device)
+    out[:values.numel()] = values
+    return out
 
 
 class TorchClassUpdater(Updater):
@@ -215,7 +276,7 @@ class TorchClassUpdater(Updater):
     def __init__(self, groups, store, torch_class: type, options: dict, master_weights: bool, split_decay: bool,
                  optim_name: str, lr: float, active: int):
         super().__init__(groups, store)
-        self.master_weights = master_weights
+        self.master_weights = master_weights  # fp32 copies
         self.inner: List[torch.optim.Optimizer] = []
         self.params: List[List[nn.Parameter]] = []  # per group, one per range
         self.ranges: List[List[Tuple[int, int]]] = []
@@ -262,7 +323,7 @@ class TorchClassUpdater(Updater):
     def _redefine(self, g: int) -> None:
         """(Re)define the group's fields from the tensors its optimizer holds now."""
         tensors = self._tensors(g)
-        self.store.define(g, [Field(name, t.dtype, t.numel()) for name, t in tensors.items()], tensors)
+        self.store.define(g, [StoredField(name, t.dtype, t.numel()) for name, t in tensors.items()], tensors)
 
     def _bind(self, g: int) -> None:
         """Point the group's optimizer at its fields: device views while it is active (or always,
