@@ -6,6 +6,8 @@ from tickets and the engine's own hazard tracking, never from sleeps.
 """
 import os
 import random
+import threading
+import time
 
 import pytest
 import torch
@@ -56,6 +58,9 @@ def test_info_names_backend_reason_and_build():
     assert info["backend"] == "host"
     assert info["reason"] == "host backend requested"
     assert "cuda_compiled" in info and info["chunk_bytes"] == _C.DEFAULT_CHUNK_BYTES
+    assert info["max_in_flight"] == _C.DEFAULT_MAX_IN_FLIGHT == 2
+    with TransferEngine("cpu", chunk_bytes=4096, max_in_flight=3) as e:
+        assert (e.chunk_bytes, e.max_in_flight) == (4096, 3)
 
 
 def disjoint_ranges(rng, count, size, total):
@@ -270,8 +275,6 @@ def test_registered_torch_memory_is_a_host_buffer(engine):
 
 def test_python_threads_share_one_engine():
     """Several Python threads submitting and waiting at once (the GIL is released inside)."""
-    import threading
-
     errors = []
     with TransferEngine("cpu") as e:
         def work(seed):
@@ -297,6 +300,228 @@ def test_python_threads_share_one_engine():
     assert not errors, errors
 
 
+def test_multi_segment_transfers_move_every_pair_under_one_ticket(engine):
+    """h2d / d2h of lists: the same element range of three state fields that live apart in one host
+    buffer, into one device buffer and back, with chunks smaller than, across and larger than a
+    segment; one ticket and one counted transfer per call; bytes outside the ranges untouched."""
+    gen = torch.Generator().manual_seed(8)
+    fields, stride, lo, hi = 3, 4096, 123, 900
+    host = engine.alloc_host(fields * stride * 4)
+    values = host.view(torch.float32)
+    values.copy_(torch.randn(fields * stride, generator=gen))
+    before = values.clone()
+    host_parts = [values[f * stride + lo:f * stride + hi] for f in range(fields)]
+    dev = torch.zeros(fields * (hi - lo), device=engine.device)
+    dev_parts = list(dev.split(hi - lo))
+    engine.reset_counters()
+    for chunk in (0, 100, 1000, 5000):
+        dev.zero_()
+        engine.wait(engine.h2d(dev_parts, host_parts, chunk_bytes=chunk))
+        assert torch.equal(to_cpu(dev), torch.cat(host_parts)), f"chunk {chunk}"
+    new = torch.randn(dev.numel(), generator=gen)
+    dev.copy_(new)
+    engine.wait(engine.d2h(host_parts, dev_parts, chunk_bytes=300))
+    expected = before.clone()
+    for f, part in enumerate(new.split(hi - lo)):
+        expected[f * stride + lo:f * stride + hi] = part
+    assert torch.equal(values, expected)
+    c = engine.counters()
+    assert c["h2d"]["transfers"] == 4 and c["h2d"]["bytes"] == 4 * dev.numel() * 4
+    assert c["d2h"]["transfers"] == 1 and c["d2h"]["bytes"] == dev.numel() * 4
+    # Empty pairs are skipped; a list of nothing but empty pairs is a 0-byte transfer.
+    empty = torch.empty(0, device=engine.device)
+    engine.wait(engine.h2d([empty, dev_parts[0]], [values[:0], host_parts[2]]))
+    assert torch.equal(to_cpu(dev_parts[0]), host_parts[2])
+    assert engine.query(engine.h2d([empty], [values[:0]]))
+
+
+def test_multi_segment_argument_errors_name_the_pair(engine):
+    host = engine.alloc_host(4096)
+    v = host.view()
+    dev = torch.zeros(64, dtype=torch.uint8, device=engine.device)
+    with pytest.raises(ValueError, match="2 dst tensors but 1 src tensors"):
+        engine.h2d([dev[:8], dev[8:16]], [v[:8]])
+    with pytest.raises(ValueError, match="h2d pair 1: sizes differ"):
+        engine.h2d([dev[:8], dev[8:16]], [v[:8], v[8:20]])
+    with pytest.raises(ValueError, match=r"d2h src\[1\] must be on"):
+        engine.d2h([v[:8], v[8:16]], [dev[:8], torch.zeros(8, dtype=torch.uint8, device="meta")])
+    with pytest.raises(ValueError, match=r"h2d src\[0\] must be a tensor"):
+        engine.h2d([dev[:8]], [b"12345678"])
+    with pytest.raises(ValueError, match="both be tensors or both lists"):
+        engine.h2d(dev[:8], [v[:8]])
+    outside = torch.zeros(8, dtype=torch.uint8)  # a CPU tensor, not in a host buffer
+    with pytest.raises(ValueError, match="h2d segment 1 source .* is not in a host buffer"):
+        engine.h2d([dev[:8], dev[8:16]], [v[:8], outside])
+    with pytest.raises(ValueError, match="destinations of segments 0 and 1 overlap"):
+        engine.h2d([dev[:8], dev[4:12]], [v[:8], v[8:16]])
+
+
+def test_zero_byte_transfers_are_done_at_once(engine):
+    """A transfer of 0 bytes moves nothing and returns a ticket that is already done, whatever its
+    (empty) tensors' addresses; its deps are still checked."""
+    empty_dev = torch.empty(0, dtype=torch.uint8, device=engine.device)
+    empty_host = torch.empty(0, dtype=torch.uint8)
+    tickets = [engine.h2d(empty_dev, empty_host), engine.d2h(empty_host, empty_dev),
+               engine.swap(empty_dev, empty_host, empty_host), engine.h2d([], [])]
+    for t in tickets:
+        assert engine.query(t)
+        engine.wait(t)
+    assert len(set(tickets)) == len(tickets)
+    with pytest.raises(ValueError, match="unknown ticket"):
+        engine.h2d(empty_dev, empty_host, deps=[tickets[-1] + 100])
+    with pytest.raises(ValueError, match="unknown ticket"):
+        engine.swap(empty_dev, empty_host, empty_host, deps=[0])
+
+
+def test_transfer_whose_device_side_overlaps_its_host_side_is_refused():
+    """On the host backend a "device" tensor may alias a host buffer. A transfer whose destination
+    overlaps its source would give bytes that depend on the chunk order: refused, as for a swap."""
+    with TransferEngine("cpu") as e:
+        v = e.alloc_host(4096).view()
+        dev = torch.zeros(64, dtype=torch.uint8)
+        with pytest.raises(ValueError, match="h2d destination overlaps the source"):
+            e.h2d(v[100:200], v[150:250])
+        with pytest.raises(ValueError, match="d2h destination overlaps the source"):
+            e.d2h(v[0:100], v[50:150])
+        with pytest.raises(ValueError, match="slot overlaps evict_to or fill_from"):
+            e.swap(v[0:100], v[50:150], v[1000:1100])
+        with pytest.raises(ValueError, match="slot overlaps evict_to or fill_from"):
+            e.swap(v[0:100], v[1000:1100], v[99:199])
+        with pytest.raises(ValueError, match="segments 0 and 1 overlap"):
+            e.h2d([dev[:10], v[5:15]], [v[0:10], v[20:30]])
+        # Apart, they run; sources of different segments may overlap (both only read).
+        v[100:200].copy_(torch.arange(100, dtype=torch.uint8))
+        e.wait(e.h2d(v[0:100], v[100:200]))
+        assert torch.equal(v[0:100], v[100:200])
+        e.wait(e.h2d([dev[:10], dev[10:20]], [v[0:10], v[5:15]]))
+        assert torch.equal(dev[:20], torch.cat([v[0:10], v[5:15]]))
+
+
+# ---- scheduling and concurrency (host backend: the feeders copy one chunk at a time) ---------
+
+def fed_positions(log):
+    """{(ticket, direction): positions in the schedule log at which its chunks went to the stream}."""
+    positions = {}
+    for i, (event, ticket, direction, _) in enumerate(log):
+        if event == "fed":
+            positions.setdefault((ticket, direction), []).append(i)
+    return positions
+
+
+def test_small_transfers_during_a_long_swap_wait_about_one_chunk():
+    """A small h2d and a small d2h issued while a swap of 32768 chunks per direction runs are each
+    fed after at most one more chunk of the swap in their direction, not after the whole swap (the
+    feeders serve the transfer fed least recently first). A transfer that writes bytes the swap
+    writes still waits for all of it. Every byte is right."""
+    n, chunk = 8 << 20, 256
+    gen = torch.Generator().manual_seed(11)
+    with TransferEngine("cpu") as e:
+        old, new = random_bytes(n, gen), random_bytes(n, gen)
+        slot = old.clone()
+        evict, fill = e.alloc_host(n), e.alloc_host(n)
+        fill.view().copy_(new)
+        small_up, small_down = e.alloc_host(4096), e.alloc_host(4096)
+        small_up.view().copy_(random_bytes(4096, gen))
+        up_dev, down_dev, late_dev = torch.zeros(4096, dtype=torch.uint8), random_bytes(4096, gen), random_bytes(4096, gen)
+        e.record_schedule()
+        swap = e.swap(slot, evict.view(), fill.view(), chunk_bytes=chunk)
+        up = e.h2d(up_dev, small_up.view())
+        down = e.d2h(small_down.view(), down_dev)
+        late = e.d2h(evict.view()[:4096], late_dev)  # writes bytes the swap's eviction writes
+        e.synchronize()
+        e.record_schedule(False)
+        log = e.schedule()
+        assert torch.equal(slot, new)
+        assert torch.equal(evict.view()[4096:], old[4096:]) and torch.equal(evict.view()[:4096], late_dev)
+        assert torch.equal(up_dev, small_up.view()) and torch.equal(small_down.view(), down_dev)
+    fed = fed_positions(log)
+    assert len(fed[swap, "h2d"]) == len(fed[swap, "d2h"]) == n // chunk
+    for ticket, direction in ((up, "h2d"), (down, "d2h")):
+        queued = log.index(("queued", ticket, direction, 0))
+        (served,) = fed[ticket, direction]
+        swap_chunks = fed[swap, direction]
+        assert len([i for i in swap_chunks if queued < i < served]) <= 1, direction
+        assert swap_chunks[-1] > served, f"{direction}: the swap ended before the small transfer came"
+    (late_served,) = fed[late, "d2h"]
+    assert late_served > max(fed[swap, "d2h"][-1], fed[swap, "h2d"][-1])
+
+
+def test_a_waiting_thread_does_not_block_other_callers():
+    """While one thread waits for a long transfer, another submits, waits for and queries its own:
+    the engine's lock is not held through a wait, so the second transfer is fed between the long
+    one's chunks instead of after them."""
+    n, chunk = 16 << 20, 64
+    with TransferEngine("cpu") as e:
+        big_src, small_src = e.alloc_host(n), e.alloc_host(64)
+        big_dst, small_dst = torch.empty(n, dtype=torch.uint8), torch.empty(64, dtype=torch.uint8)
+        e.record_schedule()
+        big = e.h2d(big_dst, big_src.view(), chunk_bytes=chunk)
+        waiting = threading.Event()
+
+        def waiter():
+            waiting.set()
+            e.wait(big)
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        waiting.wait()
+        time.sleep(0.01)  # let the waiter get into wait(), where it blocks
+        small = e.h2d(small_dst, small_src.view())
+        e.wait(small)
+        assert e.query(small) and e.in_flight() <= 1
+        thread.join()
+        log = e.schedule()
+    fed = fed_positions(log)
+    (served,) = fed[small, "h2d"]
+    assert fed[big, "h2d"][-1] > served
+
+
+def test_free_refuses_new_transfers_while_it_waits_for_old_ones():
+    """free() of a buffer a long transfer reads blocks until that transfer is done; meanwhile the
+    engine stays usable and a new transfer from the buffer gets a clear error (with the lock held
+    through the wait, it would block and then find the buffer gone)."""
+    n, chunk = 16 << 20, 64
+    gen = torch.Generator().manual_seed(12)
+    with TransferEngine("cpu") as e:
+        src = e.alloc_host(n)
+        data = random_bytes(n, gen)
+        src.view().copy_(data)
+        view = src.view()
+        dst = torch.empty(n, dtype=torch.uint8)
+        e.h2d(dst, view, chunk_bytes=chunk)
+        freer = threading.Thread(target=src.free)
+        freer.start()
+        probe_dst = torch.empty(16, dtype=torch.uint8)
+        while True:  # accepted until free() has begun, refused from then on
+            try:
+                e.wait(e.h2d(probe_dst, view[:16]))
+            except ValueError as exc:
+                assert "is in a host buffer that is being freed" in str(exc)
+                break
+        freer.join()
+        assert torch.equal(dst, data)
+        with pytest.raises(ValueError, match="not in a host buffer"):
+            e.h2d(probe_dst, view[:16])
+
+
+def test_close_from_two_threads_returns_after_everything_finished():
+    n = 16 << 20
+    gen = torch.Generator().manual_seed(13)
+    e = TransferEngine("cpu")
+    src = e.alloc_host(n)
+    data = random_bytes(n, gen)
+    src.view().copy_(data)
+    dst = torch.empty(n, dtype=torch.uint8)
+    e.h2d(dst, src.view(), chunk_bytes=64)
+    closer = threading.Thread(target=e.close)
+    closer.start()
+    while not e.closed:
+        time.sleep(0.001)
+    e.close()  # the first close is still waiting: this one waits for it
+    assert torch.equal(dst, data)
+    closer.join()
+
+
 # ---- errors ----------------------------------------------------------------------------------
 
 def test_raw_engine_argument_errors():
@@ -308,6 +533,7 @@ def test_raw_engine_argument_errors():
         e.h2d(p, 0, 16)
     with pytest.raises(ValueError, match="null pointer"):
         e.h2d(0, h, 16)
+    assert e.query(e.h2d(0, 0, 0))  # 0 bytes: nothing to check or move, done at once
     with pytest.raises(ValueError, match="beyond its host buffer"):
         e.h2d(p, h + 1000, 25)
     with pytest.raises(ValueError, match="beyond its host buffer"):
@@ -345,6 +571,8 @@ def test_constructor_errors():
         _C.Engine("tpu")
     with pytest.raises(ValueError, match="chunk_bytes"):
         _C.Engine("host", 0, 0)
+    with pytest.raises(ValueError, match="max_in_flight must be >= 1"):
+        TransferEngine("cpu", max_in_flight=0)
     with pytest.raises(ValueError, match="device must be"):
         _C.Engine("host", -1)
     if not torch.cuda.is_available():
