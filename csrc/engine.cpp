@@ -340,8 +340,9 @@ bool Engine::query(uint64_t ticket) {
   check_open();
   OpPtr op = find_op(ticket);
   if (!op) return true;
+  // No retire_done() here: the Python layer queries every ticket it keeps tensors for, after
+  // each transfer, and retiring scans all ops; the other calls retire.
   bool done = op->done();
-  retire_done();
   if (done && !op->error().empty()) throw EngineError(op->error());
   return done;
 }

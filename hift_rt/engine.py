@@ -8,8 +8,10 @@ The engine moves bytes between host buffers it owns (pinned under CUDA) and devi
 one stream per direction, and hands out integer tickets. This layer takes torch tensors:
 
 - device-side tensors come from torch's caching allocator (`torch.cuda.memory_allocated()` tells
-  the truth); on CUDA each one is `record_stream`-ed on the engine stream that uses it, so the
-  allocator never hands its memory to someone else while a copy is in flight;
+  the truth); each one is kept referenced here until its ticket is done, so the allocator never
+  hands its memory to someone else while a copy is in flight. (`record_stream` would not do: it
+  covers only the work queued on the copy stream when the tensor is freed, and the feeders queue
+  a transfer's chunks later, as earlier chunks finish.)
 - host-side tensors are views of a `HostBuffer` (engine-allocated, or registered torch memory);
 - every transfer that reads device memory is ordered after the work queued so far on the current
   torch stream (an event recorded there, waited on by the copy stream: no host sync), and
@@ -32,8 +34,8 @@ of 0 bytes moves nothing and returns a ticket that is already done. A transfer's
 bytes must not overlap its host-side bytes (ValueError).
 
 Lifetime rules (the engine enforces them): freeing a HostBuffer waits for every transfer in flight
-that touches it and refuses new ones meanwhile; CPU tensors used as the "device" side by the host
-backend are kept referenced here until their ticket is done.
+that touches it and refuses new ones meanwhile; device-side tensors are kept referenced here until
+their ticket is done (pruned at each transfer and wait, and at close).
 """
 from __future__ import annotations
 
@@ -144,7 +146,7 @@ class TransferEngine:
         self._keepalive: dict[int, tuple] = {}
         self._keepalive_lock = threading.Lock()  # Python threads may share one engine
         if self._engine.backend == "cuda":
-            # The engine's streams, made visible to torch so that `record_stream` works on them.
+            # The engine's streams, as torch streams (e.g. for profiling or an explicit wait_stream).
             h2d, d2h = self._engine.streams()
             self.h2d_stream = torch.cuda.ExternalStream(h2d, device=device)
             self.d2h_stream = torch.cuda.ExternalStream(d2h, device=device)
@@ -248,24 +250,24 @@ class TransferEngine:
             return torch.cuda.current_stream(self.device).cuda_stream
         return None
 
-    def _track(self, ticket: int, device_tensors: tuple, stream) -> int:
-        if self.device.type == "cuda":
-            # The caching allocator must not reuse these blocks before the copy stream is done
-            # with them, even if the caller drops its last reference right now.
-            for t in device_tensors:
-                t.record_stream(stream)
-        else:
-            # Host backend: feeder threads read and write these CPU tensors; keep them alive
-            # until the ticket is done.
-            with self._keepalive_lock:
-                self._keepalive[ticket] = device_tensors
-            self._prune()
+    def _track(self, ticket: int, device_tensors: tuple) -> int:
+        # The feeders read and write these tensors until the ticket is done: keep them alive
+        # (and their memory out of the caching allocator) until then, even if the caller drops
+        # its last reference right now.
+        with self._keepalive_lock:
+            self._keepalive[ticket] = device_tensors
+        self._prune()
         return ticket
 
     def _prune(self) -> None:
         with self._keepalive_lock:
-            for ticket in [t for t in self._keepalive if self._engine.query(t)]:
-                del self._keepalive[ticket]
+            for ticket in list(self._keepalive):
+                try:
+                    done = self._engine.query(ticket)
+                except EngineError:  # failed: finished too; its waiters report the failure
+                    done = True
+                if done:
+                    del self._keepalive[ticket]
 
     def h2d(self, dst: Tensors, src: Tensors, deps: Iterable[int] = (), chunk_bytes: int = 0) -> int:
         """Copy host tensor `src` into device tensor `dst`; returns a ticket. Given equal-length
@@ -273,7 +275,7 @@ class TransferEngine:
         pairs = self._pairs("h2d", dst, src, "dst", "src")
         segments = [(d.data_ptr(), h.data_ptr(), n) for d, h, n in pairs]
         ticket = self._engine.h2d_segments(segments, list(deps), self._after_stream(), chunk_bytes)
-        return self._track(ticket, tuple(d for d, _, _ in pairs), self.h2d_stream)
+        return self._track(ticket, tuple(d for d, _, _ in pairs))
 
     def d2h(self, dst: Tensors, src: Tensors, deps: Iterable[int] = (), chunk_bytes: int = 0) -> int:
         """Copy device tensor `src` into host tensor `dst` once the current stream's work is done.
@@ -281,7 +283,7 @@ class TransferEngine:
         pairs = self._pairs("d2h", src, dst, "src", "dst")
         segments = [(h.data_ptr(), d.data_ptr(), n) for d, h, n in pairs]
         ticket = self._engine.d2h_segments(segments, list(deps), self._after_stream(), chunk_bytes)
-        return self._track(ticket, tuple(d for d, _, _ in pairs), self.d2h_stream)
+        return self._track(ticket, tuple(d for d, _, _ in pairs))
 
     def swap(self, slot: torch.Tensor, evict_to: torch.Tensor, fill_from: torch.Tensor,
              deps: Iterable[int] = (), chunk_bytes: int = 0) -> int:
@@ -295,14 +297,14 @@ class TransferEngine:
         self._same_size(slot, fill_from, "swap", "slot", "fill_from")
         ticket = self._engine.swap(slot.data_ptr(), evict_to.data_ptr(), fill_from.data_ptr(), n,
                                    list(deps), self._after_stream(), chunk_bytes)
-        if self.device.type == "cuda":
-            slot.record_stream(self.d2h_stream)  # read by the eviction
-        return self._track(ticket, (slot,), self.h2d_stream)
+        return self._track(ticket, (slot,))
 
     # -- waiting ----------------------------------------------------------------------------
     def wait(self, ticket: int, stream=None) -> None:
         """Block the host until `ticket` is done, or, given a torch stream, make that stream wait
-        for it device-side (the host returns at once). On the host backend both block."""
+        for it device-side: on CUDA the host returns once the transfer is fully queued on the copy
+        streams (at once in steady state; see the module docstring). On the host backend both
+        block until done."""
         if stream is None:
             self._engine.wait(ticket)
             self._prune()
