@@ -104,10 +104,12 @@ std::list<Feeders::Queued>::iterator Feeders::choose(Direction dir) {
   auto& list = queued_[dir];
   for (auto it = list.begin(); it != list.end();) {
     if (it->op->failed()) {
-      // Its other leg stopped, or a dep failed: this leg feeds nothing more.
+      // Its other leg stopped, or a dep failed: this leg feeds nothing more. Closing it may
+      // complete the op's submission, which the other feeder's legs may wait for.
       if (it->op->legs[it->leg].picked == 0) --never_fed_[dir];
       it->op->close_leg();
       it = list.erase(it);
+      cv_.notify_all();
       continue;
     }
     if (ready(*it)) return it;
