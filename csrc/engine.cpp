@@ -267,8 +267,9 @@ uint64_t Engine::copy(Direction dir, const std::vector<Segment>& segments,
       check_transfer_host(s.dst, s.bytes, dst.c_str());
       backend_->check_device(s.src, s.bytes, src.c_str());
     }
-    // The device side of a transfer apart from its host side, its destinations apart: chunks
-    // may run in any order the feeders pick, so an overlap would give order-dependent bytes.
+    // Written bytes apart from everything else the transfer touches (its sources may overlap
+    // each other): a transfer reading bytes it has already overwritten would give bytes that
+    // depend on the chunking.
     Range read{s.src, s.src + s.bytes, false}, write{s.dst, s.dst + s.bytes, true};
     for (size_t j = 0; j < moving.size(); ++j) {
       if (intersect(write, writes[j]))

@@ -31,7 +31,7 @@ namespace hift {
 // 55 GB/s, small enough that a swap's two directions overlap for all but one chunk.
 constexpr size_t kDefaultChunkBytes = size_t(8) << 20;
 // Two chunks queued per stream: one running, the next already queued behind it, so the copy
-// engine never idles while its feeder wakes up (~10-50 us) to queue the third.
+// engine never idles while its feeder wakes up (tens of microseconds) to queue the third.
 constexpr size_t kDefaultMaxInFlight = 2;
 
 // A failure of the engine or of CUDA (surfaces in Python as hift_rt._C.EngineError, a

@@ -120,7 +120,8 @@ class TransferEngine:
         host backend (feeder threads copying with memcpy, same ordering rules).
     backend: "auto" (from `device`), "cuda" or "host"; an unusable "cuda" raises EngineError.
     chunk_bytes: transfers are cut into chunks of this size (default 8 MiB).
-    max_in_flight: chunks queued on each copy stream at most (default 2, >= 1).
+    max_in_flight: chunks queued on each copy stream at most (default 2, >= 1); the host backend
+        copies one chunk at a time whatever it is.
     """
 
     def __init__(self, device="cpu", backend: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES,

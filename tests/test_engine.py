@@ -375,7 +375,7 @@ def test_zero_byte_transfers_are_done_at_once(engine):
 
 def test_transfer_whose_device_side_overlaps_its_host_side_is_refused():
     """On the host backend a "device" tensor may alias a host buffer. A transfer whose destination
-    overlaps its source would give bytes that depend on the chunk order: refused, as for a swap."""
+    overlaps its source would give bytes that depend on the chunking: refused, as for a swap."""
     with TransferEngine("cpu") as e:
         v = e.alloc_host(4096).view()
         dev = torch.zeros(64, dtype=torch.uint8)
