@@ -1,4 +1,5 @@
 // CUDA backend: host code only (runtime API + cudart), no kernels, so nvcc is not needed.
+// May call the feeders (feeder.h) and the CUDA runtime, nothing else.
 //
 // Streams: one non-blocking stream per direction, so the two copy engines work at once and
 // neither direction queues behind the other or behind torch's legacy default stream. Streams are

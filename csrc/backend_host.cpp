@@ -2,7 +2,7 @@
 // themselves with memcpy, one chunk at a time, so "queued" means "done" and an op's completion
 // flag stands in for an event. Used when the module is built without CUDA or no GPU is usable,
 // and by the CPU test suite, which runs the real scheduling and concurrency through it: an
-// ordering bug shows up as wrong bytes.
+// ordering bug shows up as wrong bytes. May call the feeders and the C library, nothing else.
 #include <chrono>
 #include <cstdlib>
 #include <cstring>

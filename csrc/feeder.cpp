@@ -142,7 +142,6 @@ void Feeders::run(Direction dir) {
     if (index == 0) --never_fed_[dir];
     list.erase(it);
     if (!last) list.push_back(q);  // fed most recently: the back
-    leg.last_fed = ++feeds_;
     std::vector<Segment> pieces;
     for (size_t left = op.chunk; left > 0 && leg.segment < leg.segments.size();) {
       const Segment& s = leg.segments[leg.segment];

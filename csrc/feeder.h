@@ -17,6 +17,7 @@
 //     room (ChunkQueue::make_room blocks on the oldest), then chooses, so that a leg queued while
 //     it waited is served next. The host backend copies synchronously: one chunk at a time.
 // Nothing here blocks a caller: callers only enqueue; waiting happens in the ops (backends).
+// Owns the order in which chunks are fed; calls nothing but the ChunkQueue its backend gives it.
 #pragma once
 
 #include <atomic>
@@ -40,7 +41,6 @@ class FedOp : public Op {
     // Feeder state, under the Feeders lock.
     size_t picked = 0;              // chunks handed out by the feeder
     size_t issued = 0;              // chunks whose ChunkQueue::feed has returned
-    uint64_t last_fed = 0;          // feed sequence number of its latest chunk; 0: none yet
     size_t segment = 0, offset = 0; // where the next chunk starts
   };
   // A swap's legs are {evict (D2H), fill (H2D)}, in this order.
@@ -124,7 +124,6 @@ class Feeders {
   // Per direction, in the order legs were last fed: never-fed legs (arrival order) first.
   std::list<Queued> queued_[2];
   size_t never_fed_[2] = {0, 0};  // how many legs at the front of queued_ were never fed
-  uint64_t feeds_ = 0;
   bool stopping_ = false;
   bool recording_ = false;
   std::vector<ScheduleEntry> log_;
