@@ -261,14 +261,17 @@ class TransferEngine:
         return ticket
 
     def _prune(self) -> None:
+        # Oldest ticket first, up to the first one not done: a few queries per call however many
+        # transfers are in flight (a later ticket that is done waits for the older one).
         with self._keepalive_lock:
             for ticket in list(self._keepalive):
                 try:
                     done = self._engine.query(ticket)
                 except EngineError:  # failed: finished too; its waiters report the failure
                     done = True
-                if done:
-                    del self._keepalive[ticket]
+                if not done:
+                    break
+                del self._keepalive[ticket]
 
     def h2d(self, dst: Tensors, src: Tensors, deps: Iterable[int] = (), chunk_bytes: int = 0) -> int:
         """Copy host tensor `src` into device tensor `dst`; returns a ticket. Given equal-length
