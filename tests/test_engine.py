@@ -174,16 +174,22 @@ def test_explicit_deps_order_unrelated_transfers(engine):
 
 
 def test_stream_wait_orders_compute_after_transfer(engine):
-    """wait(ticket, stream): work queued afterwards on the stream sees the transferred bytes."""
+    """wait(ticket, stream): work queued afterwards on the stream sees the transferred bytes, for
+    a copy and for both directions of a swap (the slot's new bytes, the evicted old ones)."""
     n = 1 << 20
-    host = engine.alloc_host(n * 4)
+    host, other = engine.alloc_host(n * 4), engine.alloc_host(n * 4)
     host.view(torch.float32).copy_(torch.arange(n, dtype=torch.float32))
+    other.view(torch.float32).fill_(2.0)
     dev = torch.zeros(n, device=engine.device)
     t = engine.h2d(dev, host.view(torch.float32), chunk_bytes=64 * 1024)
     stream = torch.cuda.current_stream() if dev.is_cuda else object()
     engine.wait(t, stream)
     total = (dev * 1).sum()  # queued after the wait
     assert total.item() == float(n * (n - 1) // 2)
+    t = engine.swap(dev, host.view(torch.float32), other.view(torch.float32), chunk_bytes=96 * 1024)
+    engine.wait(t, stream)
+    assert (dev * 1).sum().item() == 2.0 * n
+    assert host.view(torch.float32).sum().item() == float(n * (n - 1) // 2)
 
 
 def test_free_waits_for_transfer_reading_the_buffer(engine):
@@ -397,7 +403,7 @@ def test_transfer_whose_device_side_overlaps_its_host_side_is_refused():
         assert torch.equal(dev[:20], torch.cat([v[0:10], v[5:15]]))
 
 
-# ---- scheduling and concurrency (host backend: the feeders copy one chunk at a time) ---------
+# ---- scheduling and concurrency ----------------------------------------------------------------
 
 def fed_positions(log):
     """{(ticket, direction): positions in the schedule log at which its chunks went to the stream}."""
@@ -414,7 +420,8 @@ def fed_positions(log):
 ATTEMPTS = 5
 
 
-def test_small_transfers_during_a_long_swap_wait_about_one_chunk():
+@pytest.mark.parametrize("device", DEVICES)
+def test_small_transfers_during_a_long_swap_wait_about_one_chunk(device):
     """A small h2d and a small d2h issued while a swap of 32768 chunks per direction runs are each
     fed after at most one more chunk of the swap in their direction, not after the whole swap (the
     feeders serve the transfer fed least recently first). A transfer that writes bytes the swap
@@ -422,14 +429,15 @@ def test_small_transfers_during_a_long_swap_wait_about_one_chunk():
     n, chunk = 8 << 20, 256
     gen = torch.Generator().manual_seed(11)
     for _ in range(ATTEMPTS):
-        with TransferEngine("cpu") as e:
+        with TransferEngine(device) as e:
             old, new = random_bytes(n, gen), random_bytes(n, gen)
-            slot = old.clone()
+            slot = old.to(device, copy=True)
             evict, fill = e.alloc_host(n), e.alloc_host(n)
             fill.view().copy_(new)
             small_up, small_down = e.alloc_host(4096), e.alloc_host(4096)
             small_up.view().copy_(random_bytes(4096, gen))
-            up_dev, down_dev, late_dev = torch.zeros(4096, dtype=torch.uint8), random_bytes(4096, gen), random_bytes(4096, gen)
+            up_dev = torch.zeros(4096, dtype=torch.uint8, device=device)
+            down_dev, late_dev = random_bytes(4096, gen).to(device), random_bytes(4096, gen).to(device)
             e.record_schedule()
             swap = e.swap(slot, evict.view(), fill.view(), chunk_bytes=chunk)
             up = e.h2d(up_dev, small_up.view())
@@ -438,9 +446,10 @@ def test_small_transfers_during_a_long_swap_wait_about_one_chunk():
             e.synchronize()
             e.record_schedule(False)
             log = e.schedule()
-            assert torch.equal(slot, new)
-            assert torch.equal(evict.view()[4096:], old[4096:]) and torch.equal(evict.view()[:4096], late_dev)
-            assert torch.equal(up_dev, small_up.view()) and torch.equal(small_down.view(), down_dev)
+            assert torch.equal(to_cpu(slot), new)
+            assert torch.equal(evict.view()[4096:], old[4096:])
+            assert torch.equal(evict.view()[:4096], to_cpu(late_dev))
+            assert torch.equal(to_cpu(up_dev), small_up.view()) and torch.equal(small_down.view(), to_cpu(down_dev))
         fed = fed_positions(log)
         assert len(fed[swap, "h2d"]) == len(fed[swap, "d2h"]) == n // chunk
         (late_served,) = fed[late, "d2h"]
