@@ -1,13 +1,30 @@
 // CUDA backend: host code only (runtime API + cudart), no kernels, so nvcc is not needed.
+// May call the feeders (feeder.h) and the CUDA runtime, nothing else.
 //
 // Streams: one non-blocking stream per direction, so the two copy engines work at once and
-// neither direction queues behind the other or behind torch's legacy default stream.
-// Ordering: cudaStreamWaitEvent on events (device side, never a host sync). A transfer that must
-// follow compute records an event on the compute stream and makes its copy stream wait on it.
-// Timing: each op brackets its copies with timing events; busy time is read once the op is done.
+// neither direction queues behind the other or behind torch's legacy default stream. Streams are
+// never destroyed (see shutdown()).
+// Feeding (feeder.h): each direction's feeder thread queues chunks on its stream, each chunk
+// bracketed by a start and an end event, and keeps at most max_in_flight chunks unfinished by
+// blocking on the oldest end event (created with cudaEventBlockingSync, so the feeder sleeps
+// instead of spinning a core).
+// Ordering: cudaStreamWaitEvent, device side, never a host sync on the caller's thread:
+//   - after_stream: an event recorded on the caller's stream when the transfer is issued, waited
+//     on by the transfer's streams before its first chunk;
+//   - deps: the dep's finish events (the last end event of each of its legs), waited on before
+//     the leg's first chunk; the feeders start a leg only once its deps are fully queued, because
+//     a stream may only wait for an event that has already been recorded;
+//   - a swap's fill chunk i waits for the end event of its eviction chunk i.
+// Event lifetime: an op's events are destroyed with the op, which the engine holds until every
+// one of them has completed (done()), so no pending cudaStreamWaitEvent ever refers to a
+// destroyed event; the feeders hold the op while they still use its events.
+// Timing: busy time is the sum over chunks of end - start, read once the op is done.
 #include <cuda_runtime.h>
 
-#include "engine.h"
+#include <chrono>
+#include <deque>
+
+#include "feeder.h"
 
 namespace hift {
 namespace {
@@ -17,6 +34,11 @@ void check(cudaError_t err, const char* what) {
     cudaGetLastError();  // clear a non-sticky error so the next call starts clean
     throw EngineError(std::string(what) + " failed: " + cudaGetErrorString(err));
   }
+}
+
+std::string failure(cudaError_t err, const char* what) {
+  cudaGetLastError();
+  return std::string(what) + " failed: " + cudaGetErrorString(err);
 }
 
 // Makes `device` current for the calling thread and restores the previous one: calls arrive
@@ -33,81 +55,98 @@ class DeviceGuard {
   int previous_ = 0;
 };
 
-cudaEvent_t new_event(bool timing) {
+cudaEvent_t new_event(unsigned flags) {
   cudaEvent_t e = nullptr;
-  check(cudaEventCreateWithFlags(&e, timing ? cudaEventDefault : cudaEventDisableTiming),
-        "cudaEventCreate");
+  check(cudaEventCreateWithFlags(&e, flags), "cudaEventCreate");
   return e;
 }
 
-// Makes `stream` wait for the work queued so far on `other`, through a throwaway event.
-// Destroying an event whose record is still pending is allowed: CUDA frees it once it fires.
-void stream_after_stream(cudaStream_t stream, cudaStream_t other) {
-  cudaEvent_t e = new_event(false);
-  check(cudaEventRecord(e, other), "cudaEventRecord");
-  check(cudaStreamWaitEvent(stream, e, 0), "cudaStreamWaitEvent");
-  check(cudaEventDestroy(e), "cudaEventDestroy");
-}
-
-class CudaOp final : public Op {
+class CudaOp final : public FedOp {
  public:
-  explicit CudaOp(int device) : device_(device) {}
+  struct ChunkEvents {
+    cudaEvent_t start = nullptr;
+    cudaEvent_t end = nullptr;
+  };
+
+  CudaOp(uint64_t ticket, size_t chunk, std::vector<Leg> legs, const std::vector<OpPtr>& deps,
+         int device)
+      : FedOp(ticket, chunk, std::move(legs), deps), device_(device) {
+    // Sized up front: the fill's feeder reads the eviction's entries while its feeder writes
+    // later ones, so the vectors must never reallocate.
+    for (size_t i = 0; i < this->legs.size(); ++i) events_[i].resize(this->legs[i].chunks);
+  }
   ~CudaOp() override {
-    for (int d = 0; d < 2; ++d) {
-      if (start_[d]) cudaEventDestroy(start_[d]);
-      if (end_[d]) cudaEventDestroy(end_[d]);
-    }
+    if (after_) cudaEventDestroy(after_);
+    for (auto& leg : events_)
+      for (auto& e : leg) {
+        if (e.start) cudaEventDestroy(e.start);
+        if (e.end) cudaEventDestroy(e.end);
+      }
   }
 
   bool done() override {
-    cudaError_t err = cudaEventQuery(finish_);
-    if (err == cudaErrorNotReady) return false;
-    check(err, "transfer (cudaEventQuery)");
+    if (!submitted()) return false;
+    for (cudaEvent_t e : finish_events()) {
+      cudaError_t err = cudaEventQuery(e);
+      if (err == cudaErrorNotReady) return false;
+      if (err != cudaSuccess) fail(failure(err, "transfer (cudaEventQuery)"));
+    }
     return true;
   }
   void wait() override {
-    DeviceGuard guard(device_);
-    check(cudaEventSynchronize(finish_), "transfer (cudaEventSynchronize)");
+    wait_submitted();
+    for (cudaEvent_t e : finish_events()) {
+      cudaError_t err = cudaEventSynchronize(e);
+      if (err != cudaSuccess) fail(failure(err, "transfer (cudaEventSynchronize)"));
+    }
   }
+  // A stream may only wait for an event that is already recorded, and the feeders record an
+  // op's events as they queue its chunks: so the host blocks here until the op is fully queued
+  // (at most max_in_flight chunks before its end), then the stream waits device side. In steady
+  // state the prefetch was issued a whole forward/backward earlier and is long queued: no block.
   void make_stream_wait(uintptr_t stream) override {
+    wait_submitted();
     DeviceGuard guard(device_);
-    check(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(stream), finish_, 0),
-          "cudaStreamWaitEvent");
+    for (cudaEvent_t e : finish_events())
+      check(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(stream), e, 0), "cudaStreamWaitEvent");
   }
   void account(Counters& c) override {
-    for (int d = 0; d < 2; ++d) {
-      if (!bytes_[d]) continue;
-      float ms = 0.f;
-      check(cudaEventElapsedTime(&ms, start_[d], end_[d]), "cudaEventElapsedTime");
-      c.bytes[d] += bytes_[d];
-      c.busy_seconds[d] += ms * 1e-3;
-      c.transfers[d] += 1;
+    for (size_t i = 0; i < legs.size(); ++i) {
+      double seconds = 0.0;
+      for (const ChunkEvents& e : events_[i]) {
+        float ms = 0.f;
+        check(cudaEventElapsedTime(&ms, e.start, e.end), "cudaEventElapsedTime");
+        seconds += ms * 1e-3;
+      }
+      c.bytes[legs[i].dir] += legs[i].bytes;
+      c.busy_seconds[legs[i].dir] += seconds;
+      c.transfers[legs[i].dir] += 1;
     }
   }
 
-  void begin(Direction d, cudaStream_t s, size_t bytes) {
-    start_[d] = new_event(true);
-    end_[d] = new_event(true);
-    bytes_[d] = bytes;
-    check(cudaEventRecord(start_[d], s), "cudaEventRecord");
+  // The last end event recorded on each leg: once they complete, every chunk queued so far has
+  // (a stream runs its work in order). Read after submitted(), when no feeder writes any more.
+  std::vector<cudaEvent_t> finish_events() const {
+    std::vector<cudaEvent_t> out;
+    for (size_t i = 0; i < legs.size(); ++i)
+      if (recorded_[i]) out.push_back(events_[i][recorded_[i] - 1].end);
+    return out;
   }
-  void end(Direction d, cudaStream_t s) { check(cudaEventRecord(end_[d], s), "cudaEventRecord"); }
-  cudaEvent_t end_event(Direction d) const { return end_[d]; }
-  void finish_on(Direction d) { finish_ = end_[d]; }
+
+  cudaEvent_t after_ = nullptr;        // recorded on the caller's stream at issue
+  std::vector<ChunkEvents> events_[2];  // per leg, per chunk
+  size_t recorded_[2] = {0, 0};         // chunks of each leg whose end event is recorded
 
  private:
   int device_;
-  cudaEvent_t start_[2] = {nullptr, nullptr};
-  cudaEvent_t end_[2] = {nullptr, nullptr};
-  cudaEvent_t finish_ = nullptr;
-  size_t bytes_[2] = {0, 0};
 };
 
-class CudaBackend final : public Backend {
+class CudaBackend final : public Backend, ChunkQueue {
  public:
-  explicit CudaBackend(int device) : device_(device) {
+  CudaBackend(int device, size_t max_in_flight) : device_(device) {
     DeviceGuard guard(device_);
     for (auto& s : streams_) check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+    feeders_ = std::make_unique<Feeders>(static_cast<ChunkQueue&>(*this), max_in_flight);  // after the streams exist
   }
   ~CudaBackend() override {
     try {
@@ -145,9 +184,8 @@ class CudaBackend final : public Backend {
     DeviceGuard guard(device_);
     check(cudaHostUnregister(p), "cudaHostUnregister");
   }
-  void check_device(uintptr_t ptr, size_t bytes, const char* what) override {
+  void check_device(uintptr_t ptr, size_t, const char* what) override {
     if (ptr == 0) throw std::invalid_argument(std::string(what) + " is a null pointer");
-    if (bytes == 0) throw std::invalid_argument("transfer size is 0 bytes");
     cudaPointerAttributes attr{};
     cudaError_t err = cudaPointerGetAttributes(&attr, reinterpret_cast<void*>(ptr));
     if (err != cudaSuccess) {
@@ -162,79 +200,135 @@ class CudaBackend final : public Backend {
                                   ", the engine on device " + std::to_string(device_));
   }
 
-  OpPtr copy(Direction dir, void* dst, const void* src, size_t bytes, size_t chunk,
+  OpPtr copy(uint64_t ticket, Direction dir, const std::vector<Segment>& segments, size_t chunk,
              const std::vector<OpPtr>& deps, std::optional<uintptr_t> after_stream) override {
-    DeviceGuard guard(device_);
-    cudaStream_t s = streams_[dir];
-    wait_for(s, deps, after_stream);
-    auto op = std::make_shared<CudaOp>(device_);
-    op->begin(dir, s, bytes);
-    auto kind = dir == kH2D ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost;
-    for (size_t off = 0; off < bytes; off += chunk) {
-      size_t n = std::min(chunk, bytes - off);
-      check(cudaMemcpyAsync(static_cast<char*>(dst) + off, static_cast<const char*>(src) + off, n,
-                            kind, s),
-            "cudaMemcpyAsync");
-    }
-    op->end(dir, s);
-    op->finish_on(dir);
-    return op;
+    std::vector<FedOp::Leg> legs{FedOp::make_leg(dir, FedOp::Leg::kCopy, segments, chunk)};
+    return enqueue(std::make_shared<CudaOp>(ticket, chunk, std::move(legs), deps, device_), after_stream);
   }
 
-  OpPtr swap(void* slot, void* evict_to, const void* fill_from, size_t bytes, size_t chunk,
-             const std::vector<OpPtr>& deps, std::optional<uintptr_t> after_stream) override {
-    DeviceGuard guard(device_);
-    cudaStream_t out = streams_[kD2H], in = streams_[kH2D];
-    wait_for(out, deps, after_stream);
-    wait_for(in, deps, after_stream);
-    auto op = std::make_shared<CudaOp>(device_);
-    op->begin(kD2H, out, bytes);
-    char* s = static_cast<char*>(slot);
-    for (size_t off = 0; off < bytes; off += chunk) {
-      size_t n = std::min(chunk, bytes - off);
-      check(cudaMemcpyAsync(static_cast<char*>(evict_to) + off, s + off, n,
-                            cudaMemcpyDeviceToHost, out),
-            "cudaMemcpyAsync");
-      // Chunk `off` of the slot may be overwritten once its eviction is done; the H2D stream
-      // waits for exactly that, so chunk i+1 leaves while chunk i arrives.
-      stream_after_stream(in, out);
-      if (off == 0) op->begin(kH2D, in, bytes);
-      check(cudaMemcpyAsync(s + off, static_cast<const char*>(fill_from) + off, n,
-                            cudaMemcpyHostToDevice, in),
-            "cudaMemcpyAsync");
-    }
-    op->end(kD2H, out);
-    // The op is done when both directions are: the H2D stream also waits for the D2H end.
-    check(cudaStreamWaitEvent(in, op->end_event(kD2H), 0), "cudaStreamWaitEvent");
-    op->end(kH2D, in);
-    op->finish_on(kH2D);
-    return op;
+  OpPtr swap(uint64_t ticket, uintptr_t slot, uintptr_t evict_to, uintptr_t fill_from,
+             size_t bytes, size_t chunk, const std::vector<OpPtr>& deps,
+             std::optional<uintptr_t> after_stream) override {
+    std::vector<FedOp::Leg> legs{
+        FedOp::make_leg(kD2H, FedOp::Leg::kEvict, {{evict_to, slot, bytes}}, chunk),
+        FedOp::make_leg(kH2D, FedOp::Leg::kFill, {{slot, fill_from, bytes}}, chunk)};
+    return enqueue(std::make_shared<CudaOp>(ticket, chunk, std::move(legs), deps, device_), after_stream);
   }
 
-  // Waits for the streams but never destroys them: torch's caching allocator records an event
-  // on every stream a block was record_stream-ed on when that block is freed, which may happen
-  // long after close(). Two streams per engine are left to the process.
+  void record_schedule(bool on) override { feeders_->record(on); }
+  std::vector<ScheduleEntry> schedule() override { return feeders_->log(); }
+
+  // Stops the feeders and waits for the streams, but never destroys them: torch's caching
+  // allocator records an event on every stream a block was record_stream-ed on when that block
+  // is freed, which may happen long after close(). Two streams per engine are left to the process.
   void shutdown() override {
     if (closed_) return;
     closed_ = true;
+    feeders_->stop();
     DeviceGuard guard(device_);
     for (auto& s : streams_) cudaStreamSynchronize(s);
+    for (auto& ring : unfinished_) ring.clear();
   }
 
  private:
-  void wait_for(cudaStream_t s, const std::vector<OpPtr>& deps, std::optional<uintptr_t> after) {
-    if (after) stream_after_stream(s, reinterpret_cast<cudaStream_t>(*after));
-    for (auto& dep : deps) dep->make_stream_wait(reinterpret_cast<uintptr_t>(s));
+  OpPtr enqueue(std::shared_ptr<CudaOp> op, std::optional<uintptr_t> after_stream) {
+    if (after_stream) {
+      // Captured now, in the caller's thread: "the work queued so far" on its stream.
+      DeviceGuard guard(device_);
+      op->after_ = new_event(cudaEventDisableTiming);
+      check(cudaEventRecord(op->after_, reinterpret_cast<cudaStream_t>(*after_stream)), "cudaEventRecord");
+    }
+    feeders_->enqueue(op);
+    return op;
+  }
+
+  // ChunkQueue, on the feeder threads. unfinished_[dir] belongs to dir's feeder alone.
+  void feeder_started(Direction) override {
+    cudaSetDevice(device_);  // on failure every later call on this thread reports the error
+  }
+
+  // Blocking on an event costs a wake-up (tens of microseconds, not yet measured here), which a
+  // small chunk beats: one of kPollBytes or less (~20 us at 50 GB/s) is polled for up to
+  // kPollFor first, so that tiny chunks do not each pay a wake-up. Larger chunks are blocked on
+  // at once: the chunk queued behind them keeps the copy engine busy through the wake-up.
+  static constexpr size_t kPollBytes = size_t(1) << 20;
+  static constexpr std::chrono::microseconds kPollFor{50};
+
+  void make_room(Direction dir, size_t limit) override {
+    auto& ring = unfinished_[dir];
+    while (!ring.empty()) {
+      Unfinished& oldest = ring.front();
+      cudaError_t err = cudaEventQuery(oldest.end);
+      if (err == cudaErrorNotReady) {
+        if (ring.size() < limit) return;
+        if (oldest.bytes <= kPollBytes) {
+          auto until = std::chrono::steady_clock::now() + kPollFor;
+          while ((err = cudaEventQuery(oldest.end)) == cudaErrorNotReady &&
+                 std::chrono::steady_clock::now() < until) {
+          }
+        }
+        if (err == cudaErrorNotReady) err = cudaEventSynchronize(oldest.end);
+      }
+      if (err != cudaSuccess) oldest.op->fail(failure(err, "transfer chunk"));
+      ring.pop_front();
+    }
+  }
+
+  void start_leg(const FedOpPtr& op, size_t leg) override {
+    auto& c = static_cast<CudaOp&>(*op);
+    cudaStream_t s = streams_[op->legs[leg].dir];
+    if (c.after_) check(cudaStreamWaitEvent(s, c.after_, 0), "cudaStreamWaitEvent");
+    // Every dep is fully queued (the feeders start a leg only then): its finish events exist.
+    for (const FedOpPtr& dep : op->deps)
+      for (cudaEvent_t e : static_cast<CudaOp&>(*dep).finish_events())
+        check(cudaStreamWaitEvent(s, e, 0), "cudaStreamWaitEvent");
+  }
+
+  void feed(const FedOpPtr& op, size_t leg, size_t index, const std::vector<Segment>& pieces) override {
+    auto& c = static_cast<CudaOp&>(*op);
+    const FedOp::Leg& l = op->legs[leg];
+    cudaStream_t s = streams_[l.dir];
+    // Slot bytes of chunk i may be overwritten once the eviction has read them.
+    if (l.role == FedOp::Leg::kFill)
+      check(cudaStreamWaitEvent(s, c.events_[FedOp::kEvictLeg][index].end, 0), "cudaStreamWaitEvent");
+    CudaOp::ChunkEvents& e = c.events_[leg][index];
+    e.start = new_event(cudaEventDefault);
+    e.end = new_event(cudaEventBlockingSync);
+    check(cudaEventRecord(e.start, s), "cudaEventRecord");
+    auto kind = l.dir == kH2D ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost;
+    cudaError_t copied = cudaSuccess;
+    for (const Segment& p : pieces) {
+      copied = cudaMemcpyAsync(reinterpret_cast<void*>(p.dst), reinterpret_cast<const void*>(p.src),
+                               p.bytes, kind, s);
+      if (copied != cudaSuccess) break;
+    }
+    // Recorded after a failed copy too: it then covers the pieces already queued, so that the
+    // op's finish events still say when its memory is no longer touched.
+    check(cudaEventRecord(e.end, s), "cudaEventRecord");
+    c.recorded_[leg] = index + 1;
+    size_t bytes = 0;
+    for (const Segment& p : pieces) bytes += p.bytes;
+    unfinished_[l.dir].push_back({op, e.end, bytes});
+    check(copied, "cudaMemcpyAsync");
   }
 
   int device_;
   cudaStream_t streams_[2] = {nullptr, nullptr};
   bool closed_ = false;
+  struct Unfinished {
+    FedOpPtr op;
+    cudaEvent_t end;
+    size_t bytes;
+  };
+  std::deque<Unfinished> unfinished_[2];  // chunks fed, oldest first
+  std::unique_ptr<Feeders> feeders_;      // last: uses all of the above
 };
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cuda_backend(int device) { return std::make_unique<CudaBackend>(device); }
+std::unique_ptr<Backend> make_cuda_backend(int device, size_t max_in_flight) {
+  return std::make_unique<CudaBackend>(device, max_in_flight);
+}
 
 Probe probe(int device) {
   int count = 0;

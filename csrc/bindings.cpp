@@ -37,6 +37,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "hift_rt transfer engine (private; use hift_rt.engine)";
   py::register_exception<hift::EngineError>(m, "EngineError", PyExc_RuntimeError);
   m.attr("DEFAULT_CHUNK_BYTES") = hift::kDefaultChunkBytes;
+  m.attr("DEFAULT_MAX_IN_FLIGHT") = hift::kDefaultMaxInFlight;
 
   m.def("build_info", [] {
     py::dict d;
@@ -71,16 +72,24 @@ PYBIND11_MODULE(_C, m) {
 
   using Deps = std::vector<uint64_t>;
   using Stream = std::optional<uintptr_t>;
+  using Triples = std::vector<std::tuple<uintptr_t, uintptr_t, size_t>>;
   auto release = py::call_guard<py::gil_scoped_release>();
+  auto segments = [](const Triples& triples) {
+    std::vector<hift::Segment> out;
+    for (auto& [dst, src, n] : triples) out.push_back({dst, src, n});
+    return out;
+  };
 
   py::class_<Engine>(m, "Engine")
-      .def(py::init<const std::string&, int, size_t>(), py::arg("backend") = "auto",
-           py::arg("device") = 0, py::arg("chunk_bytes") = hift::kDefaultChunkBytes, release)
+      .def(py::init<const std::string&, int, size_t, size_t>(), py::arg("backend") = "auto",
+           py::arg("device") = 0, py::arg("chunk_bytes") = hift::kDefaultChunkBytes,
+           py::arg("max_in_flight") = hift::kDefaultMaxInFlight, release)
       .def_property_readonly("backend", &Engine::backend)
       .def_property_readonly("reason", &Engine::reason)
       .def_property_readonly("device_name", &Engine::device_name)
       .def_property_readonly("device", &Engine::device)
       .def_property_readonly("chunk_bytes", &Engine::chunk_bytes)
+      .def_property_readonly("max_in_flight", &Engine::max_in_flight)
       .def_property_readonly("closed", &Engine::closed)
       .def("streams", &Engine::streams, release)
       .def("alloc_host", &Engine::alloc_host, py::arg("nbytes"), release)
@@ -93,13 +102,23 @@ PYBIND11_MODULE(_C, m) {
          "Bytes [ptr, ptr + nbytes) of a host buffer as a buffer-protocol object that keeps the "
          "memory alive (torch.frombuffer wraps it), even after free_host or close.")
       .def("h2d", [](Engine& e, uintptr_t dst, uintptr_t src, size_t n, const Deps& deps, Stream after,
-                     size_t chunk) { return e.copy(hift::kH2D, dst, src, n, deps, after, chunk); },
+                     size_t chunk) { return e.copy(hift::kH2D, {{dst, src, n}}, deps, after, chunk); },
            py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("deps") = Deps{},
            py::arg("after_stream") = Stream{}, py::arg("chunk_bytes") = 0, release)
       .def("d2h", [](Engine& e, uintptr_t dst, uintptr_t src, size_t n, const Deps& deps, Stream after,
-                     size_t chunk) { return e.copy(hift::kD2H, dst, src, n, deps, after, chunk); },
+                     size_t chunk) { return e.copy(hift::kD2H, {{dst, src, n}}, deps, after, chunk); },
            py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("deps") = Deps{},
            py::arg("after_stream") = Stream{}, py::arg("chunk_bytes") = 0, release)
+      .def("h2d_segments", [segments](Engine& e, const Triples& t, const Deps& deps, Stream after,
+                                      size_t chunk) { return e.copy(hift::kH2D, segments(t), deps, after, chunk); },
+           py::arg("segments"), py::arg("deps") = Deps{}, py::arg("after_stream") = Stream{},
+           py::arg("chunk_bytes") = 0, release,
+           "One h2d transfer of several (dst, src, nbytes) segments: one ticket, one op.")
+      .def("d2h_segments", [segments](Engine& e, const Triples& t, const Deps& deps, Stream after,
+                                      size_t chunk) { return e.copy(hift::kD2H, segments(t), deps, after, chunk); },
+           py::arg("segments"), py::arg("deps") = Deps{}, py::arg("after_stream") = Stream{},
+           py::arg("chunk_bytes") = 0, release,
+           "One d2h transfer of several (dst, src, nbytes) segments: one ticket, one op.")
       .def("swap", &Engine::swap, py::arg("slot"), py::arg("evict_to"), py::arg("fill_from"),
            py::arg("nbytes"), py::arg("deps") = Deps{}, py::arg("after_stream") = Stream{},
            py::arg("chunk_bytes") = 0, release)
@@ -118,5 +137,19 @@ PYBIND11_MODULE(_C, m) {
         return counters_dict(c);
       })
       .def("reset_counters", &Engine::reset_counters, release)
+      .def("record_schedule", &Engine::record_schedule, py::arg("on"), release,
+           "True: clear the schedule log and record; False: stop recording.")
+      .def("schedule", [](Engine& e) {
+        std::vector<hift::ScheduleEntry> log;
+        {
+          py::gil_scoped_release r;
+          log = e.schedule();
+        }
+        py::list out;
+        for (const auto& s : log)
+          out.append(py::make_tuple(s.fed ? "fed" : "queued", s.ticket, s.dir == hift::kH2D ? "h2d" : "d2h",
+                                    s.chunk));
+        return out;
+      }, "The schedule log: (\"queued\" | \"fed\", ticket, \"h2d\" | \"d2h\", chunk index), in feed order.")
       .def("close", &Engine::close, release);
 }

@@ -24,6 +24,13 @@ step python -c "from hift_rt.engine import build_info as b; i = b(); print(i); a
 step nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 step python -m hift_rt info
 step python -m pytest -m cuda -q -rs
+# compute-sanitizer memcheck over the engine's CUDA tests, where it is installed (about a minute:
+# one seed of the ~500k-chunk stress test; torch's caching allocator off so that memcheck sees
+# every allocation's bounds).
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  step env PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
+    python -m pytest -m cuda -q tests/test_engine.py -k "not random_interleaved or cuda-0"
+fi
 step python -m hift_rt.bench engine --json "$out/engine.json"
 step python -m hift_rt.bench kernels --json "$out/kernels.json"
 step python -m hift_rt.bench finetune --preset 1b --json "$out/finetune_1b.json" --plot "$out/finetune_1b.png"

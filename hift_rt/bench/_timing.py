@@ -24,24 +24,35 @@ def median_ms(calls, *, reps, warmup, device):
     """Median wall time of one call in milliseconds over `reps` calls cycling through `calls`,
     after `warmup` untimed ones. On CUDA each call is bracketed by events on the current
     stream (no host sync inside the loop); elsewhere by time.perf_counter."""
+    if device.type != "cuda":
+        return median_host_ms(calls, reps=reps, warmup=warmup, sync=lambda: None)
     for i in range(warmup):
         calls[i % len(calls)]()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(reps)]
-        for i, (start, end) in enumerate(events):
-            start.record()
-            calls[i % len(calls)]()
-            end.record()
-        torch.cuda.synchronize(device)
-        times = [start.elapsed_time(end) for start, end in events]
-    else:
-        times = []
-        for i in range(reps):
-            start = time.perf_counter()
-            calls[i % len(calls)]()
-            times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
+    for i, (start, end) in enumerate(events):
+        start.record()
+        calls[i % len(calls)]()
+        end.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def median_host_ms(calls, *, reps, warmup, sync):
+    """Median host-clock time of one call in milliseconds over `reps` calls cycling through
+    `calls`, after `warmup` untimed ones, each call bracketed by `sync()` (e.g. a device-wide
+    synchronize): for work on streams other than the current one, or for what the host itself
+    waits (a blocking copy), which events on the current stream would not show."""
+    for i in range(warmup):
+        calls[i % len(calls)]()
+    times = []
+    for i in range(reps):
+        sync()
+        start = time.perf_counter()
+        calls[i % len(calls)]()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 
