@@ -285,9 +285,9 @@ class StopOnCtrlC:
 
 # ---- one run -------------------------------------------------------------------------------
 
-def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, log=print) -> dict:
+def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, log=print) -> Optional[dict]:
     """Train with `method_name` ("hift" or "full") as `args` say, from `resume` (a state from
-    read_checkpoint) when given; returns the run's figures."""
+    read_checkpoint) when given; returns the run's figures, or None when Ctrl-C stopped it."""
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype]
     source, option = (args.resume, "--resume") if resume is not None else (args.model, "--model")
@@ -388,7 +388,7 @@ def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, log=p
         kept = f"checkpoint saved in {args.save}; continue with --resume {args.save}" if saves else "nothing kept"
         log(f"interrupted at step {done}: {kept}")
         method.close()
-        return {"method": method_name, "steps": done, "interrupted": True}
+        return None
     session = history["step_seconds"][first:]
     result = {
         "method": method_name, "steps": done, "groups": method.groups,
@@ -595,6 +595,8 @@ def check_arguments(args) -> None:
             raise JobError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     if args.warmup_steps < 0 or args.save_every < 0:
         raise JobError("--warmup-steps and --save-every must be >= 0")
+    if args.save_every and not args.save:
+        raise JobError("--save-every needs --save DIR")
     if not 0 <= args.seed <= MAX_SEED:
         raise JobError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
     pick_device(args.device)

@@ -145,11 +145,12 @@ def host_rss_bytes() -> int:
 
 
 def state_bytes_needed(model, dtype) -> int:
-    """Host bytes of AdamW state for every trainable parameter as hift_rt lays it out: fp32 m and v,
-    plus an fp32 master copy for bf16/fp16 weights (12 bytes per parameter then, else 8); the
-    flat buffers' padding (< 64 elements per group) is left out."""
+    """Host bytes of AdamW state for every parameter (all train here) as hift_rt lays it out: fp32
+    m and v, plus an fp32 master copy for bf16/fp16 weights (12 bytes per parameter then, else 8);
+    the flat buffers' padding (< 64 elements per group) is left out. Not requires_grad: a wrap
+    that failed midway may have frozen groups already."""
     per_parameter = 8 if dtype == torch.float32 else 12
-    return per_parameter * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return per_parameter * sum(p.numel() for p in model.parameters())
 
 
 def _timed_transfers(total, warm):
