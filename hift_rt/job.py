@@ -313,7 +313,8 @@ def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, log=p
                                 optim=args.optim, strategy=args.strategy, units_per_group=args.units_per_group,
                                 offload=args.offload, seed=args.seed)
     method = (methods.HiFT if method_name == "hift" else methods.Full)(model, settings)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(method.optimizer, lr_factor(args.lr_schedule, args.warmup_steps, args.steps))
+    schedule = lr_factor(args.lr_schedule, args.warmup_steps, args.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(method.optimizer, schedule)
     history = {"losses": [], "memory_GiB": [], "step_seconds": []}
     done = first = 0
     if resume is not None:

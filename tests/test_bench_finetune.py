@@ -19,8 +19,8 @@ def test_finetune_bench_runs_every_method_on_the_tiny_preset(tmp_path):
     out = tmp_path / "ft.json"
     # As a user runs it on a CPU: the kernels' torch path (the Triton interpreter, which the
     # suite turns on, would take a minute for what takes a second).
-    done = subprocess.run([sys.executable, "-m", "hift_rt.bench", "finetune", "--preset", "tiny", "--seq", "16", "--methods",
-                           ",".join(methods), "--cycles", "1", "--rounds", "2", "--json", str(out)],
+    done = subprocess.run([sys.executable, "-m", "hift_rt.bench", "finetune", "--preset", "tiny", "--seq", "16",
+                           "--methods", ",".join(methods), "--cycles", "1", "--rounds", "2", "--json", str(out)],
                           env={**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]

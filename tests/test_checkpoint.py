@@ -113,7 +113,8 @@ def test_exchange_is_used_where_the_kernel_has_it(tmp_path):
     (lambda d: (d / checkpoint.MANIFEST).unlink(), "no hift_rt_checkpoint.json"),
     (lambda d: (d / checkpoint.MANIFEST).write_text("{not json"), "is unreadable"),
     (lambda d: (d / checkpoint.MANIFEST).write_bytes(b"\xff\xfe"), "is unreadable"),
-    (lambda d: (d / checkpoint.MANIFEST).write_text(json.dumps({"format": 1, "step": 1, "files": []})), "is unreadable"),
+    (lambda d: (d / checkpoint.MANIFEST).write_text(json.dumps({"format": 1, "step": 1, "files": []})),
+     "is unreadable"),
     (lambda d: (d / checkpoint.MANIFEST).write_text(json.dumps({"format": 9, "step": 1, "files": {}})), "format 9"),
 ])
 def test_the_manifest_refuses_a_damaged_checkpoint(tmp_path, damage, message):

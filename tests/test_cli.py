@@ -190,7 +190,7 @@ def make_input(tmp_path, make):
     (None, ["--data", "missing.txt"], "--data: no such file: missing.txt"),
     ("d.csv", ["--data", "{}/d.csv"], "--data must be a .txt file or a .jsonl file"),
     ("bad.jsonl", ["--data", "{}/bad.jsonl"], 'line 1 has no string field "text"'),
-    ("latin1.jsonl", ["--data", "{}/latin1.jsonl"], "latin1.jsonl: not UTF-8 text (byte 13: invalid continuation byte)"),
+    ("latin1.jsonl", ["--data", "{}/latin1.jsonl"], "latin1.jsonl: not UTF-8 text (byte 13: invalid continuation"),
     ("binary.jsonl", ["--data", "{}/binary.jsonl"], "binary.jsonl: not UTF-8 text (byte 128"),
     ("deep.jsonl", ["--data", "{}/deep.jsonl"], "line 1 is nested too deeply"),
     ("empty_model", ["--model", "{}/empty_model"], "no weights (*.safetensors or *.bin)"),
@@ -255,7 +255,8 @@ def saved(tmp_path_factory, small):
     root = tmp_path_factory.mktemp("saved")
     tiny_hf_model(root / "smaller_model", hidden=16)
     assert main(["finetune", *FAST, "--steps", "3", "--save", str(root / "default"), "--model", str(small)]) == 0
-    assert main(["finetune", *FAST, "--steps", "3", "--save", str(root / "small"), "--model", str(root / "smaller_model")]) == 0
+    assert main(["finetune", *FAST, "--steps", "3", "--save", str(root / "small"),
+                 "--model", str(root / "smaller_model")]) == 0
     return root
 
 

@@ -222,7 +222,8 @@ def run_method(name, cfg, device, args, batch, autocast):
         peak = max(step_peaks)
         out["peak_allocated_GiB"] = peak / GiB
         out["peak_reserved_GiB"] = reserved / GiB
-        out["activations_GiB"] = (peak - breakdown["weights"] - breakdown["gradients"] - breakdown["state_device"]) / GiB
+        ours = breakdown["weights"] + breakdown["gradients"] + breakdown["state_device"]
+        out["activations_GiB"] = (peak - ours) / GiB
     totals = method.transfers()
     if totals:
         stats = _timed_transfers(totals, warm)
