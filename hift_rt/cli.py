@@ -3,6 +3,9 @@
   finetune   fine-tune a causal LM with hift_rt (with no options: a small random Llama on
              Python's own documentation text; see --help)
   info       how hift_rt._C was built and which transfer backend runs here, and why
+
+Owns: the command line's parser and the mapping of a job's failure to one `hift-rt: error:` line
+(exit code 2) and of Ctrl-C to exit code 130. May call: hift_rt.job, hift_rt.engine.
 """
 import argparse
 import json
@@ -22,27 +25,32 @@ def _info(args) -> int:
 
 
 def _finetune(args) -> int:
-    from . import finetune
+    from . import job
 
     try:
-        finetune.check_arguments(args)
-        return finetune.main(args)
-    except finetune.JobError as exc:
+        return job.main(args)
+    except job.JobError as exc:
         print(f"hift-rt: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
 
 
-def main(argv=None) -> int:
-    from . import finetune
+def _for_users(doc: str) -> str:
+    """A module docstring without its "Owns: ... May call: ..." paragraph (that is for readers of
+    the code, not of --help)."""
+    return doc.split("\nOwns:")[0].rstrip()
 
-    parser = argparse.ArgumentParser(prog="hift-rt", description=__doc__,
+
+def main(argv=None) -> int:
+    from . import job
+
+    parser = argparse.ArgumentParser(prog="hift-rt", description=_for_users(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="how hift_rt._C was built and which transfer backend runs here, and why")
-    ft = sub.add_parser("finetune", help="fine-tune a causal LM with hift_rt", description=finetune.__doc__)
-    finetune.add_arguments(ft)
+    ft = sub.add_parser("finetune", help="fine-tune a causal LM with hift_rt", description=_for_users(job.__doc__))
+    job.add_arguments(ft)
     args = parser.parse_args(argv)
     return {"info": _info, "finetune": _finetune}[args.command](args)
 

@@ -1,26 +1,61 @@
 """CPU smoke test of `python -m hift_rt.bench finetune` (figures printed, nothing about speed)."""
-import json
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
+import pytest
+
+from hift_rt.bench import finetune as bench
 from hift_rt.bench.__main__ import main
+from hift_rt.engine import EngineError
 
 
-def test_finetune_bench_runs_every_method_on_the_tiny_preset(tmp_path, capsys):
-    methods = ["full", "layerwise-sync", "hift", "hift-bf16", "hift-nooffload"]
+def test_finetune_bench_runs_every_method_on_the_tiny_preset(tmp_path):
+    methods = ["full", "full-bf16", "layerwise-sync", "hift", "hift-bf16", "hift-nooffload"]
     if importlib.util.find_spec("peft"):
         methods.append("lora")
     out = tmp_path / "ft.json"
-    assert main(["finetune", "--preset", "tiny", "--methods", ",".join(methods), "--cycles", "1",
-                 "--json", str(out)]) == 0
+    # As a user runs it on a CPU: the kernels' torch path (the Triton interpreter, which the
+    # suite turns on, would take a minute for what takes a second).
+    done = subprocess.run([sys.executable, "-m", "hift_rt.bench", "finetune", "--preset", "tiny", "--seq", "16",
+                           "--methods", ",".join(methods), "--cycles", "1", "--rounds", "2", "--json", str(out)],
+                          env={**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["preset"] == "tiny" and report["params_M"] > 0
+    assert report["preset"] == "tiny" and report["params_M"] > 0 and report["rounds"] == 2
     for name in methods:
         r = report["methods"][name]
-        assert r["step_s"] > 0 and r["tokens_per_s"] > 0, name
+        assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["setup_s"] > 0, name
+        assert r["step_s_min"] <= r["step_s"] <= r["step_s_max"] and len(r["rounds_step_s"]) == 2, name
+        assert r["host_rss_GiB"] > 0, name
     k = report["methods"]["hift"]["groups"]
-    assert k == 6 and report["methods"]["full"]["groups"] == 1
+    assert k == 6 and report["methods"]["full"]["groups"] == 1 and report["methods"]["layerwise-sync"]["groups"] == 6
     hift = report["methods"]["hift"]
     assert hift["transfers"]["h2d"]["bytes"] > 0 and hift["transfers"]["d2h"]["bytes"] > 0
     mem = hift["breakdown_bytes"]
     assert mem["state_host"] > mem["state_device"] > 0
-    assert "hift: step time" in capsys.readouterr().out
+    assert hift["pinned_GiB"] * 2 ** 30 == mem["state_host"]
+    assert report["methods"]["hift-nooffload"]["pinned_GiB"] == 0 and report["methods"]["full"]["pinned_GiB"] == 0
+    # AdamW on bf16 weights: fp32 m, v and master on the host, 12 bytes per parameter (+ padding)
+    params = report["params_M"] * 1e6
+    assert 12 * params <= report["methods"]["hift-bf16"]["breakdown_bytes"]["state_host"] < 12 * (params + 64 * k)
+    sync = report["methods"]["layerwise-sync"]["breakdown_bytes"]
+    assert sync["state_device"] == 0 and sync["state_host"] == 8 * params  # after each step, back on the CPU
+    assert "hift: step time" in done.stdout and "min..max" in done.stdout
+
+
+def test_short_pinned_memory_is_reported_with_the_bytes_the_state_needed(tmp_path, monkeypatch, capsys):
+    def out_of_pinned_memory(model, settings):
+        raise EngineError("cudaHostAlloc: out of memory")
+
+    monkeypatch.setitem(bench.METHODS, "hift-bf16", (out_of_pinned_memory, *bench.METHODS["hift-bf16"][1:]))
+    out = tmp_path / "ft.json"
+    assert main(["finetune", "--preset", "tiny", "--methods", "hift-bf16", "--cycles", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    entry = report["methods"]["hift-bf16"]
+    assert entry["error"] == "cudaHostAlloc: out of memory"
+    assert entry["state_host_needed_GiB"] * 2 ** 30 == pytest.approx(12 * report["params_M"] * 1e6, rel=1e-12)
+    assert "its state needs" in capsys.readouterr().out

@@ -3,6 +3,8 @@
 Each subcommand is a module with `add_arguments(parser)` and `main(args) -> exit code`; adding
 one is one line in SUBCOMMANDS. The modules are imported to build the parser, so they keep heavy
 imports (models, datasets) inside main().
+
+Owns: the `python -m hift_rt.bench` parser. May call: the subcommand modules.
 """
 import argparse
 import importlib

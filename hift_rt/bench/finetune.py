@@ -1,46 +1,88 @@
 """`python -m hift_rt.bench finetune`: hift_rt beside the ways people fine-tune today, same model,
-batch and card, one run.
+batch and card, timed as a training loop runs.
 
-A Llama-shaped causal LM from a transformers config (random init, no download). Methods:
-  full            torch AdamW (fused on CUDA), every parameter trained every step
-  lora            peft LoRA r=16 on every linear layer (when peft is installed)
-  layerwise-sync  the HiFT reference code's way: one group trainable per step, its AdamW state
-                  moved to and from the CPU with synchronous copies
-  hift            hift_rt.wrap with the model's weights as they are (fp32)
-  hift-bf16       hift_rt.wrap on bf16 weights with fp32 master weights in the offloaded state
+A Llama-shaped causal LM from a transformers config (random init, no download), built directly
+in its weights' dtype on the device. Methods (hift_rt.methods):
+  full            torch AdamW (fused on CUDA) on fp32 weights
+  full-bf16       torch AdamW on bf16 weights (bf16 state, no master weights)
+  lora            peft LoRA r=16 on every linear layer of the blocks, fp32 base (when peft is installed)
+  layerwise-sync  the HiFT reference code's way: one group trainable per step, top-down, its AdamW
+                  state moved to and from the CPU with synchronous copies
+  hift            hift_rt.wrap with fp32 weights
+  hift-bf16       hift_rt.wrap on bf16 weights, fp32 master weights in the offloaded state
   hift-nooffload  hift-bf16 with every group's state kept on the GPU (offload=False)
-Per method: step time (the mean over each whole cycle of groups, median over cycles), tokens/s,
-peak allocated / reserved GPU memory, a breakdown (weights, gradients, optimizer state on the
-GPU, state in host memory, activations = the rest of the peak), and for hift the engine's
-transfer figures. Methods run one after another in this process with the GPU memory released
-and the peak counters reset in between.
+
+Timing: one untimed warm-up cycle of k steps (k = the method's groups; 1 for full and lora),
+then `--cycles` cycles with no synchronize between steps, only a device-wide synchronize at each
+cycle's end, as a training loop runs (the host may run ahead of the GPU; whatever blocks it shows).
+Step time = cycle time / k, median over cycles. With `--rounds N` every method runs N times in
+interleaved rounds (A B C A B C ...), each on a fresh model; the report gives the median over
+rounds and the spread (min and max).
+
+Memory: the peak counters are reset after the model is built, so they show what the method adds:
+`setup` = building the optimizer (hift: wrap), `train` = the steps. The breakdown has weights,
+gradients, optimizer state on the GPU and in host memory, activations = the rest of the training
+peak; host RSS after the steps and the pinned host bytes (hift with offload: its state). When
+pinned host memory runs short, the method's entry says how much its state needed instead.
+
+Owns: the presets, the timing and the report. May call: hift_rt.methods, hift_rt.engine
+(EngineError), transformers, peft, matplotlib.
 """
 import gc
 import json
+import os
 import resource
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
+from .. import methods
 from ..engine import EngineError
 
-PRESETS = {
-    # name: (hidden, intermediate, layers, heads, vocab, default batch, default seq)
-    "tiny": (64, 172, 4, 4, 512, 2, 64),
-    "1b": (2048, 5504, 24, 16, 32000, 4, 1024),   # the anchors' 1.35 B shape
-    "7b": (4096, 11008, 32, 32, 32000, 2, 1024),  # Llama-2-7B's shape
-}
-METHODS = ("full", "lora", "layerwise-sync", "hift", "hift-bf16", "hift-nooffload")
 GiB = 2 ** 30
 MiB = 2 ** 20
+
+
+@dataclass(frozen=True)
+class Preset:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    batch: int   # default batch size
+    seq: int     # default sequence length
+    methods: tuple  # default methods
+
+
+ALL = ("full", "full-bf16", "lora", "layerwise-sync", "hift", "hift-bf16", "hift-nooffload")
+PRESETS = {
+    "tiny": Preset(64, 172, 4, 4, 4, 512, 2, 64, ALL),
+    "1b": Preset(2048, 5504, 24, 16, 16, 32000, 4, 1024, ALL),               # 1.35 B
+    "7b": Preset(4096, 11008, 32, 32, 32, 32000, 2, 1024, ("full-bf16", "hift-bf16")),   # Llama-2-7B
+    "8b": Preset(4096, 14336, 32, 32, 8, 128256, 2, 1024, ("full-bf16", "hift-bf16")),   # Llama-3-8B
+}
+# name: (method class, weights' dtype, offload)
+METHODS = {
+    "full": (methods.Full, torch.float32, "auto"),
+    "full-bf16": (methods.Full, torch.bfloat16, "auto"),
+    "lora": (methods.Lora, torch.float32, "auto"),
+    "layerwise-sync": (methods.LayerwiseSync, torch.float32, "auto"),
+    "hift": (methods.HiFT, torch.float32, True),
+    "hift-bf16": (methods.HiFT, torch.bfloat16, True),
+    "hift-nooffload": (methods.HiFT, torch.bfloat16, False),
+}
+LR = 1e-5
 
 
 def add_arguments(parser):
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="model shape (default: 1b on CUDA, tiny on CPU)")
     parser.add_argument("--methods", default=None,
-                        help=f"comma-separated, from {','.join(METHODS)} (default: all; 7b: hift-bf16)")
+                        help=f"comma-separated, from {','.join(METHODS)} (default: the preset's)")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--precision", choices=("bf16-autocast", "fp32"), default=None,
@@ -48,26 +90,32 @@ def add_arguments(parser):
     parser.add_argument("--strategy", default="bottom_up", choices=("bottom_up", "top_down", "random"))
     parser.add_argument("--units-per-group", type=int, default=1)
     parser.add_argument("--cycles", type=int, default=2, help="timed cycles of groups (after one warm-up cycle)")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of every method")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--json", default=None, help="write the figures to this file")
     parser.add_argument("--plot", default=None, help="PNG of peak memory per step over one cycle (matplotlib)")
 
 
-def _config(preset):
+def config(preset: Preset):
     from transformers import LlamaConfig
 
-    hidden, inter, layers, heads, vocab, _, _ = PRESETS[preset]
-    return LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
-                       max_position_embeddings=4096)
+    return LlamaConfig(hidden_size=preset.hidden, intermediate_size=preset.intermediate,
+                       num_hidden_layers=preset.layers, num_attention_heads=preset.heads,
+                       num_key_value_heads=preset.kv_heads, vocab_size=preset.vocab, max_position_embeddings=4096)
 
 
-def _build(cfg, device, dtype, checkpointing):
+def build(cfg, device, dtype, checkpointing):
+    """The model, initialised directly in `dtype` on `device` (no fp32 copy to cast from)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
     model.config.use_cache = False
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -75,160 +123,34 @@ def _build(cfg, device, dtype, checkpointing):
     return model
 
 
-def _bytes(tensors):
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-class _Method:
-    """One way of fine-tuning: builds its model and optimizer, runs one step, reports memory."""
-
-    groups = 1  # steps per cycle
-
-    def __init__(self, cfg, device, args):
-        self.cfg, self.device, self.args = cfg, device, args
-
-    def breakdown(self):
-        raise NotImplementedError
-
-    def close(self):
-        pass
-
-
-class _Full(_Method):
-    def __init__(self, cfg, device, args):
-        super().__init__(cfg, device, args)
-        self.model = _build(cfg, device, torch.float32, args.gradient_checkpointing)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=1e-5, fused=device.type == "cuda")
-
-    def step(self, i, batch, autocast):
-        with autocast():
-            loss = self.model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-
-    def breakdown(self):
-        weights = _bytes(self.model.parameters())
-        state = _bytes(t for s in self.opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim())
-        return {"weights": weights, "gradients": _bytes(self.params), "state_device": state, "state_host": 0}
-
-
-class _Lora(_Full):
-    def __init__(self, cfg, device, args):
-        from peft import LoraConfig, get_peft_model
-
-        _Method.__init__(self, cfg, device, args)
-        base = _build(cfg, device, torch.float32, args.gradient_checkpointing)
-        self.model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=[
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=1e-4, fused=device.type == "cuda")
-
-
-class _LayerwiseSync(_Method):
-    """As shared/anchors/ft_anchors.py: embeddings, each layer, then norm + head, top-down;
-    the state of the group leaving goes to the CPU and the next one's comes back, synchronously."""
-
-    def __init__(self, cfg, device, args):
-        super().__init__(cfg, device, args)
-        m = self.model = _build(cfg, device, torch.float32, args.gradient_checkpointing)
-        per = args.units_per_group
-        units = [[m.model.embed_tokens]] + [[layer] for layer in m.model.layers] + [[m.model.norm, m.lm_head]]
-        self.gparams = [[p for unit in units[i:i + per] for mod in unit for p in mod.parameters()]
-                        for i in range(0, len(units), per)]
-        self.groups = len(self.gparams)
-        for p in m.parameters():
-            p.requires_grad_(False)
-        self.opts = [torch.optim.AdamW(ps, lr=1e-5, fused=device.type == "cuda") for ps in self.gparams]
-
-    def _move_state(self, opt, device):
-        for state in opt.state.values():
-            for key, value in state.items():
-                if torch.is_tensor(value) and key != "step":
-                    state[key] = value.to(device)
-
-    def step(self, i, batch, autocast):
-        k = self.groups
-        g = (k - 1) - (i % k)
-        prev = (g + 1) % k
-        self._move_state(self.opts[prev], "cpu")
-        for p in self.gparams[prev]:
-            p.requires_grad_(False)
-            p.grad = None
-        for p in self.gparams[g]:
-            p.requires_grad_(True)
-        self._move_state(self.opts[g], self.device)
-        with autocast():
-            loss = self.model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        self.opts[g].step()
-        self.opts[g].zero_grad(set_to_none=True)
-
-    def breakdown(self):
-        on_device = host = 0
-        for opt in self.opts:
-            for state in opt.state.values():
-                for key, value in state.items():
-                    if torch.is_tensor(value) and value.dim():
-                        if value.device.type == "cpu":
-                            host += _bytes([value])
-                        else:
-                            on_device += _bytes([value])
-        largest = max(_bytes(ps) for ps in self.gparams)
-        return {"weights": _bytes(self.model.parameters()), "gradients": largest,
-                "state_device": on_device, "state_host": host}
-
-
-class _HiFT(_Method):
-    def __init__(self, cfg, device, args, dtype=torch.float32, offload=True):
-        import hift_rt
-
-        super().__init__(cfg, device, args)
-        self.model = _build(cfg, device, dtype, args.gradient_checkpointing)
-        self.opt = hift_rt.wrap(self.model, "adamw", lr=1e-5, strategy=args.strategy,
-                                units_per_group=args.units_per_group, offload=offload)
-        self.groups = len(self.opt.groups)
-
-    def step(self, i, batch, autocast):
-        with autocast():
-            loss = self.model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad()
-
-    def breakdown(self):
-        return self.opt.memory_breakdown()
-
-    def transfers(self):
-        return self.opt.transfer_stats()
-
-    def close(self):
-        self.opt.close()
-
-
-FACTORIES = {
-    "full": _Full,
-    "lora": _Lora,
-    "layerwise-sync": _LayerwiseSync,
-    "hift": lambda c, d, a: _HiFT(c, d, a, torch.float32, offload=True),
-    "hift-bf16": lambda c, d, a: _HiFT(c, d, a, torch.bfloat16, offload=True),
-    "hift-nooffload": lambda c, d, a: _HiFT(c, d, a, torch.bfloat16, offload=False),
-}
-
-
-def _sync(device):
-    # The compute stream only: a device-wide synchronize would also wait for the engine's
-    # copy streams and so put every swap into the step it times, hiding nothing.
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
-
-
 def _release(device):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # device-wide: the engine's copy streams too
+
+
+def host_rss_bytes() -> int:
+    """Resident host memory of this process now (Linux /proc), else its peak so far."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def state_bytes_needed(model, dtype) -> int:
+    """Host bytes of AdamW state for every parameter (all train here) as hift_rt lays it out: fp32
+    m and v, plus an fp32 master copy for bf16/fp16 weights (12 bytes per parameter then, else 8);
+    the flat buffers' padding (< 64 elements per group) is left out. Not requires_grad: a wrap
+    that failed midway may have frozen groups already."""
+    per_parameter = 8 if dtype == torch.float32 else 12
+    return per_parameter * sum(p.numel() for p in model.parameters())
 
 
 def _timed_transfers(total, warm):
@@ -243,65 +165,106 @@ def _timed_transfers(total, warm):
 
 
 def run_method(name, cfg, device, args, batch, autocast):
-    """Warm-up cycle, then `args.cycles` timed cycles; returns this method's figures."""
-    _release(device)
+    """One round of one method: build, set up, warm-up cycle, `args.cycles` timed cycles."""
+    cls, dtype, offload = METHODS[name]
     cuda = device.type == "cuda"
-    method = FACTORIES[name](cfg, device, args)
+    _release(device)
+    model = build(cfg, device, dtype, args.gradient_checkpointing)
+    _release(device)  # the peaks from here on are the method's
+    settings = methods.Settings(lr=LR, strategy=args.strategy, units_per_group=args.units_per_group, offload=offload)
+    _sync(device)
+    start = time.perf_counter()
+    try:
+        method = cls(model, settings)
+    except EngineError as exc:  # pinned host memory (or the engine) short
+        out = {"error": str(exc).splitlines()[0]}
+        if offload is True:
+            out["state_host_needed_GiB"] = state_bytes_needed(model, dtype) / GiB
+        return out
+    _sync(device)
+    out = {"setup_s": time.perf_counter() - start}
+    if cuda:
+        out["setup_peak_allocated_GiB"] = torch.cuda.max_memory_allocated(device) / GiB
+        out["setup_peak_reserved_GiB"] = torch.cuda.max_memory_reserved(device) / GiB
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def train_step(i):
+        method.before_forward(i)
+        with autocast():
+            loss = method.model(input_ids=batch, labels=batch).loss
+        method.backward(loss)
+        method.update()
+
     k = method.groups
-    step_times, step_peaks = [], []
-    warm = {}
-    for i in range((1 + args.cycles) * k):
-        if i == k and isinstance(method, _HiFT):
-            warm = method.transfers()  # figures of the warm-up cycle, subtracted below
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        _sync(device)
+    for i in range(k):
+        train_step(i)
+    _sync(device)
+    warm = method.transfers()
+    cycle_times, step_peaks, reserved = [], [], 0
+    for c in range(args.cycles):
         start = time.perf_counter()
-        method.step(i, batch, autocast)
+        for i in range((c + 1) * k, (c + 2) * k):
+            if cuda:  # host-side allocator counters: no synchronize
+                torch.cuda.reset_peak_memory_stats(device)
+            train_step(i)
+            if cuda:
+                step_peaks.append(torch.cuda.max_memory_allocated(device))
+                reserved = max(reserved, torch.cuda.max_memory_reserved(device))
         _sync(device)
-        if i >= k:
-            step_times.append(time.perf_counter() - start)
-            step_peaks.append(torch.cuda.max_memory_allocated(device) if cuda else 0)
-    cycle_means = [statistics.fmean(step_times[c * k:(c + 1) * k]) for c in range(args.cycles)]
-    step_s = statistics.median(cycle_means)
-    out = {"groups": k, "step_s": step_s, "tokens_per_s": batch.numel() / step_s,
-           "peak_per_step_bytes": step_peaks[:k]}
+        cycle_times.append(time.perf_counter() - start)
+    step_s = statistics.median(cycle_times) / k
     breakdown = method.breakdown()
-    out["breakdown_bytes"] = breakdown
+    out.update({"groups": k, "step_s": step_s, "tokens_per_s": batch.numel() / step_s,
+                "peak_per_step_bytes": step_peaks[:k], "breakdown_bytes": breakdown,
+                "host_rss_GiB": host_rss_bytes() / GiB,
+                "pinned_GiB": (breakdown["state_host"] if isinstance(method, methods.HiFT) else 0) / GiB})
     if cuda:
         peak = max(step_peaks)
         out["peak_allocated_GiB"] = peak / GiB
-        out["peak_reserved_GiB"] = torch.cuda.max_memory_reserved(device) / GiB
-        out["activations_GiB"] = (peak - breakdown["weights"] - breakdown["gradients"] - breakdown["state_device"]) / GiB
-    # Peak resident host memory of this process so far (pinned state included); it only grows,
-    # so read it for the first method run or run one method per process.
-    out["peak_host_rss_GiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
-    if isinstance(method, _HiFT):
-        totals = method.transfers()
-        if totals:
-            stats = _timed_transfers(totals, warm)
-            out["transfers"] = stats
-            out["exposed_transfer_fraction"] = stats["exposed_wait_seconds"] / sum(step_times)
+        out["peak_reserved_GiB"] = reserved / GiB
+        ours = breakdown["weights"] + breakdown["gradients"] + breakdown["state_device"]
+        out["activations_GiB"] = (peak - ours) / GiB
+    totals = method.transfers()
+    if totals:
+        stats = _timed_transfers(totals, warm)
+        out["transfers"] = stats
+        out["exposed_transfer_fraction"] = stats["exposed_wait_seconds"] / sum(cycle_times)
     method.close()
-    del method
+    del method, model
     _release(device)
+    return out
+
+
+def summarize(rounds):
+    """One method's rounds -> the last round's figures with step_s / tokens_per_s as the median
+    over rounds and `step_s_min` / `step_s_max`, plus every round's step_s."""
+    done = [r for r in rounds if "step_s" in r]
+    if not done:
+        return rounds[-1]
+    times = [r["step_s"] for r in done]
+    out = dict(done[-1])
+    out.update({"step_s": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
+                "tokens_per_s": done[-1]["tokens_per_s"] * done[-1]["step_s"] / statistics.median(times),
+                "rounds_step_s": times})
     return out
 
 
 def run(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    preset = args.preset or ("1b" if device.type == "cuda" else "tiny")
-    defaults = PRESETS[preset]
-    batch_size, seq = args.batch or defaults[5], args.seq or defaults[6]
+    preset_name = args.preset or ("1b" if device.type == "cuda" else "tiny")
+    preset = PRESETS[preset_name]
+    batch_size, seq = args.batch or preset.batch, args.seq or preset.seq
     precision = args.precision or ("bf16-autocast" if device.type == "cuda" else "fp32")
+    if args.rounds < 1 or args.cycles < 1:
+        raise SystemExit("--rounds and --cycles must be >= 1")
     if args.methods:
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        unknown = [m for m in methods if m not in METHODS]
+        names = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in names if m not in METHODS]
         if unknown:
             raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     else:
-        methods = ["hift-bf16"] if preset == "7b" else list(METHODS)
-    cfg = _config(preset)
+        names = list(preset.methods)
+    cfg = config(preset)
     gen = torch.Generator().manual_seed(0)
     batch = torch.randint(0, cfg.vocab_size, (batch_size, seq), generator=gen).to(device)
 
@@ -309,58 +272,77 @@ def run(args):
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-autocast")
 
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "preset": preset, "batch": [batch_size, seq], "precision": precision,
-              "strategy": args.strategy, "units_per_group": args.units_per_group,
-              "gradient_checkpointing": args.gradient_checkpointing, "torch": torch.__version__,
-              "params_M": None, "methods": {}}
+              "preset": preset_name, "batch": [batch_size, seq], "precision": precision,
+              "strategy": args.strategy, "units_per_group": args.units_per_group, "cycles": args.cycles,
+              "rounds": args.rounds, "gradient_checkpointing": args.gradient_checkpointing,
+              "torch": torch.__version__, "params_M": None, "methods": {}}
     from transformers import LlamaForCausalLM
 
     with torch.device("meta"):
         report["params_M"] = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters()) / 1e6
-    for name in methods:
+    rounds = {}
+    for name in names:
         if name == "lora":
             try:
                 import peft  # noqa: F401
             except ImportError:
                 report["methods"][name] = {"skipped": "peft is not installed (pip install hift_rt[bench])"}
                 continue
-        try:
-            report["methods"][name] = run_method(name, cfg, device, args, batch, autocast)
-        except (torch.OutOfMemoryError, EngineError) as exc:  # GPU memory, or pinned host memory
-            report["methods"][name] = {"error": str(exc).splitlines()[0]}
-            _release(device)
+        rounds[name] = []
+    for _ in range(args.rounds):
+        for name, done in rounds.items():
+            if done and "error" in done[-1]:
+                continue  # it failed once: it would again
+            try:
+                done.append(run_method(name, cfg, device, args, batch, autocast))
+            except torch.OutOfMemoryError as exc:
+                done.append({"error": str(exc).splitlines()[0]})
+                _release(device)
+    for name, done in rounds.items():
+        report["methods"][name] = summarize(done)
     return report
+
+
+def _gib(r, key, digits=2):
+    return f"{r[key]:.{digits}f}" if key in r else "-"
 
 
 def _print(report):
     print(f"fine-tuning a {report['params_M']:.2f} M-parameter Llama ({report['preset']}) on {report['device']}, "
           f"batch {report['batch'][0]} x {report['batch'][1]}, {report['precision']}, "
-          f"strategy {report['strategy']}, {report['units_per_group']} unit(s)/group"
+          f"strategy {report['strategy']}, {report['units_per_group']} unit(s)/group, "
+          f"{report['cycles']} timed cycle(s) x {report['rounds']} round(s)"
           + (", gradient checkpointing" if report["gradient_checkpointing"] else ""))
-    header = (f"{'method':<16}{'groups':>7}{'step s':>9}{'tok/s':>10}{'peak GiB':>10}{'rsrvd':>8}"
-              f"{'weights MiB':>14}{'grads':>9}{'st GPU':>9}{'st host':>9}{'activ':>9}{'h2d GB/s':>10}{'exposed':>9}")
-    print(header)
+    print(f"{'method':<16}{'groups':>7}{'step s':>9}{'min..max':>17}{'tok/s':>10}{'setup s':>9}"
+          f"{'h2d GB/s':>10}{'exposed':>9}")
     for name, r in report["methods"].items():
         if "step_s" not in r:
-            print(f"{name:<16}  {r.get('skipped') or r.get('error')}")
+            needed = f" (its state needs {r['state_host_needed_GiB']:.3g} GiB of pinned host memory)" \
+                if "state_host_needed_GiB" in r else ""
+            print(f"{name:<16}  {r.get('skipped') or r.get('error')}{needed}")
             continue
-        b = {k: v / MiB for k, v in r["breakdown_bytes"].items()}
-        peak = f"{r['peak_allocated_GiB']:.2f}" if "peak_allocated_GiB" in r else "-"
-        reserved = f"{r['peak_reserved_GiB']:.2f}" if "peak_reserved_GiB" in r else "-"
-        act = f"{r['activations_GiB'] * 1024:.1f}" if "activations_GiB" in r else "-"
+        spread = f"{r['step_s_min']:.4f}..{r['step_s_max']:.4f}"
         h2d = f"{r['transfers']['h2d']['gb_per_s']:.1f}" if "transfers" in r else "-"
         exposed = f"{100 * r['exposed_transfer_fraction']:.1f}%" if "exposed_transfer_fraction" in r else "-"
-        print(f"{name:<16}{r['groups']:>7}{r['step_s']:>9.4f}{r['tokens_per_s']:>10.0f}{peak:>10}{reserved:>8}"
-              f"{b['weights']:>14.1f}{b['gradients']:>9.1f}{b['state_device']:>9.1f}{b['state_host']:>9.1f}"
-              f"{act:>9}{h2d:>10}{exposed:>9}")
+        print(f"{name:<16}{r['groups']:>7}{r['step_s']:>9.4f}{spread:>17}{r['tokens_per_s']:>10.0f}"
+              f"{r['setup_s']:>9.2f}{h2d:>10}{exposed:>9}")
+    print(f"\n{'GiB':<16}{'peak':>7}{'rsrvd':>7}{'setup rsrvd':>12}{'weights':>9}{'grads':>7}{'st GPU':>8}"
+          f"{'st host':>8}{'activ':>7}{'pinned':>8}{'RSS':>7}")
+    for name, r in report["methods"].items():
+        if "step_s" not in r:
+            continue
+        b = {k: v / GiB for k, v in r["breakdown_bytes"].items()}
+        print(f"{name:<16}{_gib(r, 'peak_allocated_GiB'):>7}{_gib(r, 'peak_reserved_GiB'):>7}"
+              f"{_gib(r, 'setup_peak_reserved_GiB'):>12}{b['weights']:>9.3f}{b['gradients']:>7.3f}"
+              f"{b['state_device']:>8.3f}{b['state_host']:>8.3f}{_gib(r, 'activations_GiB'):>7}"
+              f"{r['pinned_GiB']:>8.3f}{r['host_rss_GiB']:>7.2f}")
     ref = report["methods"].get("full", {}).get("step_s")
     for name, r in report["methods"].items():
         if ref and name.startswith("hift") and "step_s" in r:
             print(f"{name}: step time {r['step_s'] / ref:.2f} x full's")
-    if "hift-bf16" in report["methods"] and "hift-nooffload" in report["methods"]:
-        on, off = report["methods"]["hift-bf16"].get("step_s"), report["methods"]["hift-nooffload"].get("step_s")
-        if on and off:
-            print(f"offload on / off step time: {on / off:.3f}")
+    on, off = (report["methods"].get(m, {}).get("step_s") for m in ("hift-bf16", "hift-nooffload"))
+    if on and off:
+        print(f"offload on / off step time: {on / off:.3f}")
 
 
 def _plot(report, path):

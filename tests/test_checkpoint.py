@@ -1,0 +1,132 @@
+"""hift_rt.checkpoint: a save killed at any moment leaves the old checkpoint or the new one,
+complete; the manifest catches a changed, truncated or missing file.
+
+A kill is simulated by raising at the n-th file-system operation of a save (each rename, exchange,
+fsync and file written) and then doing nothing more, as a dead process does: the save's own
+clean-up (`finally`) is skipped too. For every n, with and without renameat2(RENAME_EXCHANGE),
+the directory is then checked as a restarted job would: `manifest()` (which recovers first) must
+return step 1 (old) or 2 (new) with every file's bytes exactly those of that step.
+"""
+import json
+import os
+import shutil
+
+import pytest
+
+from hift_rt import checkpoint
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: not an Exception, so nothing on the way catches it."""
+
+
+def contents(step):
+    return {"model.bin": bytes([step]) * 5000, "sub/state.pt": f"state of step {step}".encode()}
+
+
+def writer(step, operation):
+    def write(directory):
+        for name, data in contents(step).items():
+            operation()
+            (directory / name).parent.mkdir(exist_ok=True)
+            (directory / name).write_bytes(data)
+    return write
+
+
+class Kill:
+    """Counts file-system operations and raises Killed at operation number `at`; after that, the
+    process is dead: rmtree does nothing."""
+
+    def __init__(self, monkeypatch, at, exchange):
+        self.at, self.count, self.dead = at, 0, False
+        real_rename, real_fsync, real_rmtree = os.rename, checkpoint._fsync, shutil.rmtree
+        real_exchange = checkpoint._exchange
+
+        def counted(function):
+            def run(*args, **kwargs):
+                self.operation()
+                return function(*args, **kwargs)
+            return run
+
+        monkeypatch.setattr(os, "rename", counted(real_rename))
+        monkeypatch.setattr(checkpoint, "_fsync", counted(real_fsync))
+        monkeypatch.setattr(checkpoint, "_exchange", counted(real_exchange if exchange else lambda a, b: False))
+        monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None if self.dead else real_rmtree(*a, **k))
+
+    def operation(self):
+        self.count += 1
+        if self.count == self.at:
+            self.dead = True
+            raise Killed
+
+
+def assert_checkpoint_of(directory, steps):
+    step = checkpoint.manifest(directory)["step"]
+    assert step in steps
+    for name, data in contents(step).items():
+        assert (directory / name).read_bytes() == data, (step, name)
+    return step
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+@pytest.mark.parametrize("old", [True, False], ids=["over-an-old-checkpoint", "into-a-new-directory"])
+def test_a_save_killed_at_any_moment_leaves_the_old_or_the_new_checkpoint(tmp_path, monkeypatch, exchange, old):
+    seen, at = set(), 1
+    while True:
+        directory = tmp_path / f"run{at}" / "ckpt"
+        if old:
+            checkpoint.save(directory, writer(1, lambda: None), 1)
+        with monkeypatch.context() as patch:
+            kill = Kill(patch, at, exchange)
+            try:
+                checkpoint.save(directory, writer(2, kill.operation), 2)
+                finished = True
+            except Killed:
+                finished = False
+        if not old and not directory.exists() and not (directory.parent / ".ckpt.previous").exists():
+            seen.add(None)  # killed before the first checkpoint existed
+        else:
+            seen.add(assert_checkpoint_of(directory, {1, 2} if old else {2}))
+        checkpoint.save(directory, writer(3, lambda: None), 3)  # the next save clears what was left
+        assert assert_checkpoint_of(directory, {3}) == 3
+        assert sorted(p.name for p in directory.parent.iterdir()) == ["ckpt"]
+        if finished:
+            break
+        at += 1
+    assert at > 6 and seen == ({1, 2} if old else {None, 2})  # every moment tried, both outcomes met
+
+
+def test_exchange_is_used_where_the_kernel_has_it(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("in a")
+    if not checkpoint._exchange(a, b):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) here; the two-rename path is tested above")
+    assert (b / "x").read_text() == "in a" and not (a / "x").exists()
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "model.bin").write_bytes(b"\x01" * 4999), "model.bin does not match"),   # truncated
+    (lambda d: (d / "model.bin").write_bytes(b"\x01" * 4999 + b"\x02"), "model.bin does not match"),  # changed
+    (lambda d: (d / "sub" / "state.pt").unlink(), "sub/state.pt is missing"),
+    (lambda d: (d / checkpoint.MANIFEST).unlink(), "no hift_rt_checkpoint.json"),
+    (lambda d: (d / checkpoint.MANIFEST).write_text("{not json"), "is unreadable"),
+    (lambda d: (d / checkpoint.MANIFEST).write_bytes(b"\xff\xfe"), "is unreadable"),
+    (lambda d: (d / checkpoint.MANIFEST).write_text(json.dumps({"format": 1, "step": 1, "files": []})),
+     "is unreadable"),
+    (lambda d: (d / checkpoint.MANIFEST).write_text(json.dumps({"format": 9, "step": 1, "files": {}})), "format 9"),
+])
+def test_the_manifest_refuses_a_damaged_checkpoint(tmp_path, damage, message):
+    directory = tmp_path / "ckpt"
+    checkpoint.save(directory, writer(1, lambda: None), 1)
+    assert checkpoint.manifest(directory) == {"step": 1, "files": ["model.bin", "sub/state.pt"]}
+    damage(directory)
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        checkpoint.manifest(directory)
+
+
+def test_save_refuses_a_file_in_place_of_the_directory(tmp_path):
+    (tmp_path / "ckpt").write_text("a file")
+    with pytest.raises(NotADirectoryError):
+        checkpoint.save(tmp_path / "ckpt", writer(1, lambda: None), 1)
