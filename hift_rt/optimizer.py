@@ -43,21 +43,19 @@ from .updaters import FusedUpdater, TorchClassUpdater, Updater
 STATE_DICT_VERSION = 2
 
 
-def _claim(params, optimizer) -> None:
+def _check_unclaimed(model: nn.Module) -> None:
     """Each parameter belongs to at most one open HiFTOptimizer: a second wrap of the same model
     would find the first one's frozen groups and hooks."""
     def is_open(ref) -> bool:  # no local reference survives: the collector below can free it
         return ref is not None and ref() is not None and not ref()._closed
 
-    for name, p in params:
+    for name, p in model.named_parameters():
         ref = getattr(p, "_hift_rt_owner", None)
         if is_open(ref):
             gc.collect()  # an owner dropped by the user may only be waiting for the cycle collector
         if is_open(ref):
             raise ValueError(f"parameter '{name}' is managed by a HiFTOptimizer that is still open; "
                              "call its close() before wrapping the model again")
-    for _, p in params:
-        p._hift_rt_owner = weakref.ref(optimizer)
 
 
 class _AtomicSection:
@@ -108,12 +106,12 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if not isinstance(config, HiFTConfig):
             raise TypeError("HiFTOptimizer(model, config) takes a HiFTConfig; use hift_rt.wrap(model, ...)")
         self.config = config
+        _check_unclaimed(model)
         _thaw_copy(model)
         cut = grouping.cut(model, config.units_per_group, config.groups)
         if not cut:
             raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
         named = [np for unit_group in cut for np in unit_group.params]
-        _claim(named, self)
         self.device, self.dtype = grouping.check_single_device_dtype(named)
         self.master_weights, self.offload = config.memory_policy(self.device, self.dtype)
         sparse = [n for n, m in model.named_modules()
@@ -141,6 +139,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._gradients.attach([p for _, p in named])
         for _, p in named:
             p.requires_grad_(False)
+            p._hift_rt_owner = weakref.ref(self)
         self._activate(self._rotation.active)
         # Marks the model (a deep copy carries the mark): see _thaw_copy.
         model._hift_rt_managed = frozenset(name for name, _ in named)
@@ -437,7 +436,7 @@ def _thaw_copy(model: nn.Module) -> None:
     """A deep copy of a wrapped model carries its inactive groups frozen (requires_grad=False, set
     by the rotation, not by the user) and the mark wrap left on the model; its parameters have no
     owner. Make the parameters hift_rt froze trainable again, so the copy is cut as the original
-    was. The original itself, still wrapped, is refused later by _claim."""
+    was. The original itself, still wrapped, was refused by _check_unclaimed."""
     managed = model.__dict__.get("_hift_rt_managed")
     if not managed:
         return
