@@ -240,20 +240,17 @@ class StateStore:
         return views
 
     def _transfer(self, g: int, c: int, to_device: bool) -> List[int]:
-        """Chunk c of g between its host fields and ring buffer c % R, one copy per field;
-        returns the tickets."""
+        """Chunk c of g between its host fields and ring buffer c % R: one transfer (each field's
+        part a segment of it); returns its ticket in a list (the waits take lists)."""
         E = self.chunk_elements
         start, end = c * E, min(self._elements[g], (c + 1) * E)
         device = self._chunk_views(g, c % self.ring, start, end)
         host = self.host_views(g)
-        tickets = []
-        for f in self._fields[g]:
-            lo, hi = _part(f, start, end)
-            if to_device:
-                tickets.append(self.engine.h2d(device[f.name], host[f.name][lo:hi]))
-            else:
-                tickets.append(self.engine.d2h(host[f.name][lo:hi], device[f.name]))
-        return tickets
+        pieces = [(device[f.name], host[f.name][slice(*_part(f, start, end))]) for f in self._fields[g]]
+        if not pieces:
+            return []
+        devices, hosts = [d for d, _ in pieces], [h for _, h in pieces]
+        return [self.engine.h2d(devices, hosts) if to_device else self.engine.d2h(hosts, devices)]
 
     def make_ready(self, g: int) -> None:
         """Order the current stream after g's arrival in the slot (device side; the host backend
