@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed
 
 from .families import FAMILIES, STATE_DTYPES, Family
 from .rotation import STRATEGIES
@@ -60,6 +61,7 @@ class HiFTConfig:
     state_dtype: str = "fp32"
     seed: int = 0
     state_window: Union[str, int, None] = "auto"
+    process_group: object = None
     hyperparameters: dict = field(default_factory=dict)
 
     family: Optional[Family] = field(init=False, default=None)
@@ -100,6 +102,10 @@ class HiFTConfig:
         window = self.state_window
         if not (window in ("auto", None) or isinstance(window, int) and not isinstance(window, bool) and window > 0):
             raise ValueError(f"state_window must be 'auto', None (the whole group) or a byte count > 0, got {window!r}")
+        if self.process_group is not None and self.process_group is not False and \
+                not isinstance(self.process_group, torch.distributed.ProcessGroup):
+            raise ValueError(f"process_group must be None (the default group when torch.distributed is "
+                             f"initialized), False (none) or a ProcessGroup, got {self.process_group!r}")
         self.no_decay = _name_matcher(self.no_decay)
         self._resolve_optim()
 

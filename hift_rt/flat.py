@@ -72,10 +72,11 @@ def _owner(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
     return model.get_submodule(module_name), key
 
 
-def rehome(model: nn.Module, group: Group, no_decay: Optional[Callable[[str], bool]]) -> FlatGroup:
+def rehome(model: nn.Module, group: Group, no_decay: Optional[Callable[[str], bool]], shards: int = 1) -> FlatGroup:
     """Copy a group's parameters into one flat buffer, decayed ones first, and make each parameter
-    a view of it. The old storage of each parameter is dropped as soon as it is copied, so the
-    device holds at most one group twice."""
+    a view of it; the buffer is padded to `shards` equal parts of whole PARAM_ALIGN blocks (data
+    parallel ranks each own one). The old storage of each parameter is dropped as soon as it is
+    copied, so the device holds at most one group twice."""
     decayed = [(n, p) for n, p in group.params if no_decay is None or not no_decay(n)]
     params = decayed + [(n, p) for n, p in group.params if no_decay is not None and no_decay(n)]
     offsets, end = [], 0
@@ -84,7 +85,7 @@ def rehome(model: nn.Module, group: Group, no_decay: Optional[Callable[[str], bo
         end = aligned(end + p.numel())
     decay_end = offsets[len(decayed)] if len(decayed) < len(params) else end
     first = params[0][1]
-    flat = torch.zeros(end, dtype=first.dtype, device=first.device)
+    flat = torch.zeros(-(-end // (shards * PARAM_ALIGN)) * shards * PARAM_ALIGN, dtype=first.dtype, device=first.device)
     with torch.no_grad():
         for (_, p), off in zip(params, offsets):
             view = flat[off:off + p.numel()].view(p.shape)

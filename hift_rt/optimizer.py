@@ -29,7 +29,7 @@ from typing import List, Optional, Union
 import torch
 from torch import nn
 
-from . import grouping
+from . import distributed, grouping
 from .config import HiFTConfig
 from .families import check_options
 from .engine import TransferEngine
@@ -120,8 +120,16 @@ class HiFTOptimizer(torch.optim.Optimizer):
             raise ValueError(f"module(s) {sparse} have sparse=True; hift_rt needs dense gradients "
                              "(build the embedding with sparse=False)")
 
-        self.groups: List[FlatGroup] = [rehome(model, unit_group, config.no_decay) for unit_group in cut]
+        self._comm = distributed.resolve(config.process_group)
+        shards = self._comm.world if self._comm else 1
+        self.groups: List[FlatGroup] = [rehome(model, unit_group, config.no_decay, shards) for unit_group in cut]
+        if self._comm:
+            self._comm.check_same(self._description())
         self._gradients = GradientBuffer(max(group.numel for group in self.groups), self.dtype, self.device)
+        # This rank's share of the active group's gradient (data parallel, fused path).
+        sharded = self._comm is not None and config.family is not None
+        self._shard_grad = torch.empty(max(group.numel for group in self.groups) // shards if sharded else 0,
+                                       dtype=self.dtype, device=self.device)
         self._steps = [0] * len(self.groups)
         self._rotation = Rotation(len(self.groups), config.strategy, config.seed)
         self._cycle_lr: Optional[float] = None  # lr_policy="cycle": the lr the current cycle applies
@@ -151,9 +159,18 @@ class HiFTOptimizer(torch.optim.Optimizer):
         store = StateStore(len(self.groups), self.device, self.engine)
         if config.family is not None:
             return FusedUpdater(self.groups, store, config.family, self.defaults, config.state_dtype,
-                                self.master_weights, active, config.window_bytes(self.device))
+                                self.master_weights, active, config.window_bytes(self.device), self._comm)
         return TorchClassUpdater(self.groups, store, config.torch_class, config.options, self.master_weights == "fp32",
                                  config.no_decay is not None, config.optim_name, config.lr, active)
+
+    def _description(self) -> dict:
+        """What every data-parallel rank must agree on: settings, the grouping, the parameters."""
+        c = self.config
+        return {"settings": {"optim": c.optim_name, "options": repr(sorted(c.options.items())), "strategy": c.strategy,
+                             "seed": c.seed, "lr_policy": c.lr_policy, "state_dtype": c.state_dtype,
+                             "master_weights": self.master_weights, "offload": self.offload,
+                             "max_grad_norm": c.max_grad_norm, "device_type": self.device.type},
+                "groups": [[(name, tuple(p.shape), str(p.dtype)) for name, p in group.params] for group in self.groups]}
 
     # -- torch.optim.Optimizer surface ------------------------------------------------------
     def add_param_group(self, param_group):
@@ -186,7 +203,13 @@ class HiFTOptimizer(torch.optim.Optimizer):
         """Bytes of the runtime's own buffers: gradients and optimizer state on the device, state
         in host memory. Weights are the model's own (re-homed, not copied)."""
         weights = sum(group.numel for group in self.groups) * self.dtype.itemsize
-        return {"weights": weights, "gradients": self._gradients.nbytes, **self._updater.memory()}
+        gradients = self._gradients.nbytes + self._shard_grad.numel() * self._shard_grad.element_size()
+        return {"weights": weights, "gradients": gradients, **self._updater.memory()}
+
+    def communication_stats(self) -> dict:
+        """Data parallel: bytes each kind of collective moved so far from this rank (reduce_scatter,
+        all_gather, all_reduce). Empty without torch.distributed."""
+        return self._comm.counters() if self._comm else {}
 
     def transfer_stats(self) -> dict:
         """The engine's figures (bytes, busy seconds and GB/s per direction) and the exposed
@@ -254,24 +277,43 @@ class HiFTOptimizer(torch.optim.Optimizer):
     def _step(self) -> None:
         found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
-        if found_inf is not None and bool(found_inf.item()):
-            return
+        comm = self._comm
+        if found_inf is not None:
+            if comm:
+                comm.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)  # every rank skips, or none
+            if bool(found_inf.item()):
+                return
         group = self.groups[self._rotation.active]
         group.check_not_moved(self.device, self.dtype)
         grad, has_grad = self._gradients.collect(group)
+        if comm:
+            has_grad = comm.any(has_grad)  # a parameter used on any rank has a (mean) gradient
         if not any(has_grad):  # nothing to update, as in torch; the rotation goes on
             self._advance()
             return
+        if comm and self._shard_grad.numel():  # fused: this rank updates its shard
+            shard = self._shard_grad[:group.numel // comm.world]
+            comm.reduce_scatter_mean(shard, grad)
+            grad = shard
+        elif comm:  # a torch.optim class: every rank updates the whole group
+            comm.all_reduce(grad)
+            grad.div_(comm.world)
         coef = None
         if grad_scale is not None:
             coef = grad_scale.double().reciprocal().float().reshape(1)
         if self.config.max_grad_norm is not None:
             norm = grad_norm(grad)
+            if comm and self._shard_grad.numel():  # the norm over every shard: one scalar on the device
+                norm = norm.square()
+                comm.all_reduce(norm)
+                norm = norm.sqrt()
             if coef is not None:
                 norm = norm * coef[0]
             clip = torch.clamp(self.config.max_grad_norm / (norm + 1e-6), max=1.0).reshape(1)
             coef = clip if coef is None else coef * clip
         self._updater.update(group, grad, has_grad, lr=self._lr(), options=self._options(), clip_coef=coef)
+        if comm and self._shard_grad.numel():
+            comm.all_gather_in_place(group.flat)
         self._steps[group.index] += 1
         self._advance()
 
@@ -292,6 +334,10 @@ class HiFTOptimizer(torch.optim.Optimizer):
         `state[i]` holds torch's keys for that optimizer (fused: `step`, `exp_avg`, `exp_avg_sq`,
         `sum`, `momentum_buffer`; a torch.optim class: its own) and `master` with fp32 master
         weights; only parameters updated at least once appear, as in torch.
+
+        Data parallel (fused optimizers): a collective, every rank must call it; rank 0's holds the
+        whole state (gathered from every rank's shard), the others' only the rest. Any number of
+        ranks loads rank 0's: each takes its shard.
         """
         if self._closed:
             raise RuntimeError("this HiFTOptimizer was closed; take state_dict() before close()")
@@ -316,6 +362,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
                     "rotation": self._rotation.state_dict(),
                     "cycle_lr": self._cycle_lr,
                     "cycle_lr_of": self._cycle_lr_of,
+                    # Data parallel, fused: the state is sharded and only rank 0 gathers it all.
+                    "complete": not (self._shard_grad.numel() and self._comm.rank != 0),
                 },
             }
 
@@ -375,6 +423,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if hift.get("optim") != self.config.optim_name:
             raise ValueError(f"state dict is for optim {hift.get('optim')!r}, this optimizer runs "
                              f"{self.config.optim_name!r}")
+        if hift.get("complete") is False:
+            raise ValueError("this state dict was taken on a data-parallel rank other than 0, which holds only "
+                             "its shard of the state: save and load rank 0's state_dict()")
         if hift.get("groups") != [[n for n, _ in group.params] for group in self.groups]:
             raise ValueError("state dict was saved with another group layout (parameter names per group differ)")
         steps = hift.get("group_steps")

@@ -111,28 +111,35 @@ class Updater(ABC):
 class FusedUpdater(Updater):
     """Each group's state: the family's fields in the chosen format (moments as fp32, bf16, or int8
     codes with a per-block absmax) and, for bf16/fp16 parameters, an fp32 "master" or a Kahan
-    "compensation" (hift_rt.families.Family.fields); one launch per run of parameters per chunk."""
+    "compensation" (hift_rt.families.Family.fields); one launch per run of parameters per chunk.
+
+    Under data parallelism (`comm`) this rank keeps and updates only its shard [lo, hi) of each
+    group (`shards`): update() takes the shard's gradient (hi - lo,), and the optimizer gathers
+    the updated weights; group_state() gathers the full state on rank 0."""
 
     def __init__(self, groups, store, family: Family, options: dict, state_dtype: str, master: Optional[str],
-                 active: int, window_bytes: Optional[int] = None):
+                 active: int, window_bytes: Optional[int] = None, comm=None):
         super().__init__(groups, store)
         self.family = family
         self.wrap_options = options  # the initial state depends on them (Adagrad's accumulator)
         self.fields = family.fields(options, state_dtype, master, groups[0].flat.dtype)
+        self.comm = comm
+        self.shards = [comm.shard(group.numel) if comm else (0, group.numel) for group in groups]
         # Updates each parameter has had (torch's per-parameter "step"): they differ within a
         # group only when some parameters went without a gradient on some steps.
         self.param_steps = [[0] * len(group.params) for group in groups]
-        for group in groups:
-            stored = [StoredField(f.name, f.dtype, group.numel // f.per, f.per) for f in self.fields]
-            store.define(group.index, stored, self._initial(group), elements=group.numel)
+        for group, (lo, hi) in zip(groups, self.shards):
+            stored = [StoredField(f.name, f.dtype, (hi - lo) // f.per, f.per) for f in self.fields]
+            store.define(group.index, stored, self._initial(group, lo, hi), elements=hi - lo)
         if store.offloaded:
             store.start(active, window_bytes)
 
-    def _initial(self, group: FlatGroup) -> Dict[str, torch.Tensor]:
-        """The group's state before the first update, in the format of self.fields: zero moments
-        (Adagrad: its initial accumulator), the master the fp32 value of the weights."""
-        fp32 = self.family.initial_state(group.numel, group.flat.device, self.wrap_options)
-        return self.family.to_format(fp32, self.fields, group.flat)
+    def _initial(self, group: FlatGroup, lo: int, hi: int) -> Dict[str, torch.Tensor]:
+        """Elements [lo, hi) of the group's state before the first update, in the format of
+        self.fields: zero moments (Adagrad: its initial accumulator), the master the fp32 value
+        of the weights."""
+        fp32 = self.family.initial_state(hi - lo, group.flat.device, self.wrap_options)
+        return self.family.to_format(fp32, self.fields, group.flat[lo:hi])
 
     @staticmethod
     def _runs(group: FlatGroup, has_grad: List[bool], steps: List[int]) -> List[List[int]]:
@@ -151,14 +158,16 @@ class FusedUpdater(Updater):
         return runs
 
     def update(self, group, grad, has_grad, *, lr, options, clip_coef):
+        """grad: this rank's shard of the group's gradient, (hi - lo,)."""
         steps = [s + 1 if h else s for s, h in zip(self.param_steps[group.index], has_grad)]
         runs = self._runs(group, has_grad, steps)
-        for start, end, views in self.store.stream(group.index):
-            for run_start, run_end, step in runs:
-                lo, hi = max(start, run_start), min(end, run_end)
+        shard_lo, _ = self.shards[group.index]
+        for start, end, views in self.store.stream(group.index):  # shard coordinates
+            for run_start, run_end, step in runs:  # group coordinates
+                lo, hi = max(shard_lo + start, run_start), min(shard_lo + end, run_end)
                 if lo < hi:
-                    self.family.update(group.flat[lo:hi], grad[lo:hi],
-                                       slice_state(views, self.fields, lo - start, hi - start),
+                    self.family.update(group.flat[lo:hi], grad[lo - shard_lo:hi - shard_lo],
+                                       slice_state(views, self.fields, lo - shard_lo - start, hi - shard_lo - start),
                                        step=step, lr=lr, options=options,
                                        decay_end=min(max(group.decay_end - lo, 0), hi - lo), clip_coef=clip_coef)
         self.param_steps[group.index] = steps
@@ -172,6 +181,10 @@ class FusedUpdater(Updater):
         if not any(steps):
             return [None] * len(group.params)
         fields = self.store.read(group.index)
+        if self.comm is not None:  # a collective: rank 0 gets every shard, the others nothing
+            fields = {name: self.comm.gather_to_first(value) for name, value in fields.items()}
+            if self.comm.rank != 0:
+                return [None] * len(group.params)
         entries: List[ParamState] = []
         for (_, p, off, n), step in zip(group.slices(), steps):
             if not step:
@@ -204,8 +217,9 @@ class FusedUpdater(Updater):
     def load_group_state(self, group, entries):
         """Entries in this optimizer's format are copied as they are (a resume is bit-exact);
         moments in another format (fp32, bf16 or int8) are converted, and a master is taken from
-        "master", from "compensation" (+ the weights), or from the weights."""
-        values = self._initial(group)
+        "master", from "compensation" (+ the weights), or from the weights. Under data
+        parallelism each rank takes its shard of the (full) state."""
+        values = self._initial(group, 0, group.numel)
         steps = []
         for (_, p, off, n), entry in zip(group.slices(), entries):
             if entry is None:
@@ -235,7 +249,7 @@ class FusedUpdater(Updater):
             # SGD keeps no step: a momentum buffer means at least one update.
             steps.append(int(float(entry["step"])) if "step" in entry else 1)
         self.param_steps[group.index] = steps
-        self.store.write(group.index, values)
+        self.store.write(group.index, slice_state(values, self.fields, *self.shards[group.index]))
 
     @staticmethod
     def _moment_of(entry: dict, name: str) -> torch.Tensor:
