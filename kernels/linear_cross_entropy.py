@@ -35,9 +35,9 @@ fp32 parameters that is a V * H * 2 copy of the weight, which the model's own he
 The model's own loss instead keeps the (N, V) logits, their fp32 copy and fp32 log-softmax
 (N * V * (s + 8) bytes) and allocates about as much again in its backward.
 
-Precision: the logits are rounded to the inputs' dtype exactly as the model's own head rounds
-them; logsumexp, loss and G are computed in fp32 and G is rounded to the inputs' dtype; d weight
-is accumulated over chunks in the weight's dtype (one rounding per chunk in bf16/fp16).
+Precision: the logits are rounded to the inputs' dtype, as a model's own head rounds them;
+logsumexp, loss and G are computed in fp32 and G is rounded to the inputs' dtype; d weight is
+accumulated over chunks in the weight's dtype (one rounding per chunk in bf16/fp16).
 
 Labels outside [0, V) other than ignore_index raise ValueError for CPU tensors; on a GPU, where
 checking would make the host wait for the device, such a row's loss is NaN (the model's own loss
@@ -225,7 +225,7 @@ def _divisor(num_items_in_batch, count):
         raise TypeError(f"num_items_in_batch: expected a number or a tensor, got {type(num_items_in_batch).__name__}")
     if not num_items_in_batch > 0:
         raise ValueError(f"num_items_in_batch: must be > 0, got {num_items_in_batch}")
-    return torch.tensor(float(num_items_in_batch), device=count.device)
+    return torch.full((), float(num_items_in_batch), device=count.device)  # a fill: no copy from the host
 
 
 def check_chunk_size(chunk_size):

@@ -8,9 +8,14 @@ never to exist by recording the shape of every tensor an aten op returns (a Torc
 forward and backward. Model checks use tiny Llama and GPT-2 (tied head) models, mostly on the
 torch path.
 """
+import copy
 import importlib
+import inspect
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -277,6 +282,61 @@ def test_bad_input_is_refused_with_a_clear_error(torch_path, case):
         linear_cross_entropy(**arguments)
 
 
+# Runs in a fresh interpreter without TRITON_INTERPRET: a stand-in driver names an sm_90 target and
+# kernel[grid](...) compiles (warmup) instead of launching; prints each variant's global accesses.
+COMPILE_FOR_SM90 = r"""
+import importlib, json, re, torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
+
+class Sm90Driver:
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+
+driver.set_active(Sm90Driver())
+compiled = []
+JITFunction.__getitem__ = lambda self, grid: lambda *args, **kwargs: compiled.append(
+    self.run(*args, grid=grid, warmup=True, **kwargs))
+lce = importlib.import_module("hift_rt.kernels.linear_cross_entropy")
+rows, v = 4, 128256
+variants = [(torch.float32, True), (torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False)]
+for dtype, grad in variants:
+    lce._launch_rows(torch.zeros(rows, v, dtype=dtype), torch.zeros(rows, dtype=torch.long), torch.zeros(rows),
+                     -100, grad)
+print(json.dumps([{"grad": grad, "loads": re.findall(r"ld\.global[\w.]*", kernel.asm["ptx"]),
+                   "stores": re.findall(r"st\.global[\w.]*", kernel.asm["ptx"])}
+                  for (dtype, grad), kernel in zip(variants, compiled)]))
+"""
+
+
+def test_row_kernel_compiles_for_sm90_with_128_bit_row_accesses():
+    """Every dtype compiles for an H100/H200 (sm_90); with V divisible by 16 (Llama-3's 128256)
+    every access to a row of logits is 128 bits wide; the others are the label (64-bit), the
+    label's logit and the row's loss."""
+    try:  # the stand-in driver leans on Triton internals, as in test_kernels.py
+        from triton.runtime.driver import driver
+        from triton.runtime.jit import JITFunction
+    except ImportError as exc:
+        pytest.skip(f"Triton internals moved: {exc}")
+    if not hasattr(driver, "set_active") or "warmup" not in inspect.signature(JITFunction.run).parameters:
+        pytest.skip("Triton internals moved: no driver.set_active or JITFunction.run(warmup=)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    variants = json.loads(done.stdout.splitlines()[-1])
+    assert len(variants) == 4
+    for variant in variants:
+        narrow_loads = [op for op in variant["loads"] if ".v4." not in op]
+        narrow_stores = [op for op in variant["stores"] if ".v4." not in op]
+        assert narrow_loads[0] == "ld.global.b64" and len(narrow_loads) == 2, variant  # label, its logit
+        assert narrow_stores == ["st.global.b32"] * 2, variant  # the loss (ignored row, counted row)
+        assert any(".v4." in op for op in variant["loads"]), variant
+        assert any(".v4." in op for op in variant["stores"]) == variant["grad"], variant
+
+
 @pytest.mark.cuda
 def test_cuda_label_outside_the_vocabulary_gives_a_nan_loss_without_a_host_sync():
     hidden, weight, b, labels = make_inputs(torch.float32, "cuda")
@@ -414,6 +474,21 @@ def test_without_labels_nothing_changes_and_remove_gives_the_model_back(torch_pa
     assert hift_rt.efficient_lm_loss(model) is not handle
 
 
+def test_a_deep_copy_computes_its_own_loss(torch_path):
+    model = llama()
+    ids, labels = batch()
+    hift_rt.efficient_lm_loss(model)
+    clone = copy.deepcopy(model)
+    assert clone.forward.model is clone
+    with torch.no_grad():
+        clone.lm_head.weight.mul_(2)
+        efficient = clone(input_ids=ids, labels=labels)
+        clone.forward.remove()
+        own = clone(input_ids=ids, labels=labels)
+        assert efficient.logits is None and abs(efficient.loss.item() - own.loss.item()) <= 1e-6 * own.loss.item()
+        assert model(input_ids=ids, labels=labels).logits is None  # the original keeps its handle
+
+
 def test_autocast_and_gradient_checkpointing(torch_path):
     model = llama()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -525,6 +600,17 @@ def test_a_change_after_applying_is_refused_at_the_next_call_with_labels(torch_p
     with pytest.raises(ValueError, match="not transformers' ForCausalLMLoss"):
         model(input_ids=ids, labels=labels)
     assert model.loss_function(torch.ones(2), None, 301).item() == 2.0  # the user's loss stays in place
+
+
+def test_a_forward_without_labels_is_refused():
+    from transformers import LlamaForCausalLM
+
+    class Model(LlamaForCausalLM):
+        def forward(self, input_ids=None):
+            return super().forward(input_ids=input_ids)
+
+    with pytest.raises(ValueError, match="takes no labels"):
+        hift_rt.efficient_lm_loss(Model(llama().config))
 
 
 def test_refusals_of_the_arguments():
