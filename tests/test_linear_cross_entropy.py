@@ -99,7 +99,7 @@ class ShapeRecorder(TorchDispatchMode):
 
 # ---- the kernel against its float64 reference -------------------------------------------------
 
-# (dtype, bias, ignore_index, num_items_in_batch); the interpreter runs the first two only
+# (dtype, bias, ignore_index, num_items_in_batch)
 CASES = [
     (torch.float32, True, -100, None),
     (torch.bfloat16, False, -100, 7),
@@ -107,13 +107,16 @@ CASES = [
     (torch.float16, True, -100, None),
     (torch.bfloat16, True, -100, torch.tensor([9.0])),
 ]
+INTERPRETER_CASES = 2  # the interpreter is slow: it runs the first two (fp32 and bf16)
+TARGET_CASES = [(t, c) for t in ("interpreter", "torch", "cuda") for c in range(len(CASES))
+                if t != "interpreter" or c < INTERPRETER_CASES]
 
 
-@pytest.mark.parametrize("case", range(len(CASES)), ids=lambda i: "-".join(map(str, CASES[i])).replace("torch.", ""))
-def test_loss_and_gradients_match_the_float64_reference(target, request, case):
+@pytest.mark.parametrize(
+    "target, case", [pytest.param(t, c, marks=[pytest.mark.cuda] if t == "cuda" else []) for t, c in TARGET_CASES],
+    indirect=["target"], ids=[f"{t}-" + "-".join(map(str, CASES[c])).replace("torch.", "") for t, c in TARGET_CASES])
+def test_loss_and_gradients_match_the_float64_reference(target, case):
     dtype, bias, ignore_index, num_items = CASES[case]
-    if request.node.callspec.params["target"] == "interpreter" and case >= 2:
-        pytest.skip("the interpreter is slow: its two cases cover fp32 and bf16")
     hidden, weight, b, labels = make_inputs(dtype, target, bias)
     if ignore_index != -100:  # a real class id as ignore_index: those labels count for nothing
         labels[labels == -100] = ignore_index
@@ -453,8 +456,10 @@ def test_without_labels_nothing_changes_and_remove_gives_the_model_back(torch_pa
     ids, labels = batch()
     logits = model(input_ids=ids).logits
     own_tuple = model(input_ids=ids, labels=labels, return_dict=False)
+    signature = inspect.signature(model.forward)
     handle = hift_rt.efficient_lm_loss(model)
     assert hift_rt.efficient_lm_loss(model) is handle and model.forward is handle
+    assert inspect.signature(model.forward) == signature  # what Trainer inspects
     assert torch.equal(model(input_ids=ids).logits, logits)
     assert torch.equal(model(ids).logits, logits)  # positional input_ids, no labels
     out = model(ids, None, None, None, None, labels)  # labels by position
@@ -647,6 +652,34 @@ def test_cuda_bf16_llama_matches_the_models_own_loss():
     out, grads = loss_and_grads(model, input_ids=ids, labels=labels)
     assert out.logits is None and abs(out.loss.item() - own.loss.item()) <= 2e-3 * own.loss.item()
     assert_grads_close(grads, own_grads, 3e-2)
+
+
+def test_hf_trainer_with_gradient_accumulation_matches_the_models_own_loss(torch_path, tmp_path, monkeypatch):
+    """HiFTTrainer passes num_items_in_batch (the kept labels of all accumulated micro-batches) to
+    the model, which hands it to the efficient loss."""
+    from transformers import TrainingArguments
+
+    from hift_rt.integrations.transformers import HiFTTrainer
+
+    divisors = []
+    recorded = hift_rt.loss.linear_cross_entropy
+
+    def recording(*args, **kwargs):
+        divisors.append(kwargs["num_items_in_batch"])
+        return recorded(*args, **kwargs)
+
+    monkeypatch.setattr(hift_rt.loss, "linear_cross_entropy", recording)
+    data = torch.randint(0, 64, (16, 10), generator=torch.Generator().manual_seed(0))
+    dataset = [{"input_ids": row, "labels": torch.where(row < 8, -100, row)} for row in data]
+    models = [tiny_llama()[0], tiny_llama()[0]]
+    hift_rt.efficient_lm_loss(models[1], chunk_size=7)
+    for i, model in enumerate(models):
+        args = TrainingArguments(str(tmp_path / str(i)), max_steps=4, per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=2, learning_rate=1e-2, save_strategy="no",
+                                 report_to=[], use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+        HiFTTrainer(model=model, args=args, train_dataset=dataset, hift_args={"eps": 1e-3}).train()
+    assert len(divisors) == 8 and all(torch.is_tensor(d) for d in divisors)
+    assert_params_close(models[1], models[0], rtol=1e-4, atol=1e-6)
 
 
 # ---- the methods, the job and the bench -----------------------------------------------------
