@@ -62,7 +62,9 @@ def make_inputs(dtype, device, bias=True, seed=0, n=N, v=V, ignore=(2, 5)):
     b = torch.randn(v, generator=gen) if bias else None
     labels = torch.randint(0, v, (n,), generator=gen)
     labels[list(ignore)] = -100
-    cast = lambda t: None if t is None else t.to(device, dtype).requires_grad_()  # noqa: E731
+    def cast(t):
+        return None if t is None else t.to(device, dtype).requires_grad_()
+
     return cast(hidden), cast(weight), cast(b), labels.to(device)
 
 
