@@ -7,7 +7,8 @@ other groups' optimizer state in pinned host memory, and streams it in and out b
 Nothing here touches CUDA at import time.
 """
 from .config import HiFTConfig
+from .loss import efficient_lm_loss
 from .optimizer import HiFTOptimizer, wrap
 
 __version__ = "0.1.0"
-__all__ = ["wrap", "HiFTOptimizer", "HiFTConfig", "__version__"]
+__all__ = ["wrap", "HiFTOptimizer", "HiFTConfig", "efficient_lm_loss", "__version__"]

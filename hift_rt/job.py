@@ -3,7 +3,9 @@
 With no options it trains a small Llama-shaped model from random weights on a corpus that ships
 with Python (`pydoc_data.topics`, ~465 KB of English) through a byte-level tokenizer, on CUDA
 when there is a GPU and otherwise on the CPU. `--model` takes a local Hugging Face model
-directory, `--data` a .txt file or a UTF-8 .jsonl file with a "text" field.
+directory, `--data` a .txt file or a UTF-8 .jsonl file with a "text" field. `--efficient-loss`
+(auto: for vocabularies of EFFICIENT_LOSS_MIN_VOCAB tokens or more) computes the loss through
+hift_rt.efficient_lm_loss, without the full logits.
 
 Every option and output path is checked before the first step; bad input ends the job with one
 line (JobError). Ctrl-C stops at the next step boundary and, with --save, writes a checkpoint
@@ -15,7 +17,8 @@ run's options.
 
 Owns: options and their checks, data and tokenizer, the training loop, Ctrl-C, what a checkpoint
 holds, the summary, plot and JSON. May call: hift_rt.methods (the ways of training),
-hift_rt.checkpoint, transformers, tqdm and matplotlib when installed.
+hift_rt.checkpoint, hift_rt.loss (whether a model takes the efficient loss), transformers, tqdm
+and matplotlib when installed.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from typing import List, Optional
 
 import torch
 
-from . import checkpoint, methods
+from . import checkpoint, loss, methods
 
 STATE_FILE = "hift_rt_state.pt"
 DEFAULT_MODEL = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -47,6 +50,12 @@ RUN_OPTIONS = (("optim", "adamw"), ("strategy", "bottom_up"), ("units_per_group"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 MAX_SEED = 2 ** 63 - 1
 LOSS_WINDOW = 10  # steps averaged for the "final loss" and the equal-time loss
+# --efficient-loss auto: on from this vocabulary size (Llama-2's 32000 and up). The model's own loss
+# keeps the logits, their fp32 copy and fp32 log-softmax (10 bytes per token and vocabulary entry
+# in bf16) and allocates as much again in its backward: at 32000 and the default 8 x 128 tokens,
+# 0.6 GiB, far more than a layer's activations; for small vocabularies (the default model's 256
+# bytes) it is small, and the model's own loss is kept.
+EFFICIENT_LOSS_MIN_VOCAB = 32000
 
 
 class JobError(Exception):
@@ -207,6 +216,21 @@ def _memory_gib(device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
 
 
+def use_efficient_loss(option: str, model, log) -> bool:
+    """--efficient-loss: "off"; "on" (a model it cannot serve is a JobError); "auto": on when the
+    vocabulary has EFFICIENT_LOSS_MIN_VOCAB tokens or more and the model takes it (else a note)."""
+    if option == "off" or (option == "auto" and model.config.vocab_size < EFFICIENT_LOSS_MIN_VOCAB):
+        return False
+    try:
+        loss.check_supported(model)
+    except ValueError as exc:
+        if option == "on":
+            raise JobError(f"--efficient-loss on: {exc}") from None
+        log(f"note: the model's own loss is used ({exc})")
+        return False
+    return True
+
+
 # ---- checkpoints ---------------------------------------------------------------------------
 
 def read_checkpoint(path: str) -> dict:
@@ -307,11 +331,12 @@ def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, log=p
     train_tokens, heldout_tokens = tokens[:split], tokens[split:]
     sampler = WindowSampler(train_tokens, args.seq_len, args.batch_size, args.seed)
 
+    efficient_loss = use_efficient_loss(args.efficient_loss, model, log)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     settings = methods.Settings(lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
                                 optim=args.optim, strategy=args.strategy, units_per_group=args.units_per_group,
-                                offload=args.offload, seed=args.seed)
+                                offload=args.offload, seed=args.seed, efficient_loss=efficient_loss)
     method = (methods.HiFT if method_name == "hift" else methods.Full)(model, settings)
     schedule = lr_factor(args.lr_schedule, args.warmup_steps, args.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(method.optimizer, schedule)
@@ -330,7 +355,8 @@ def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, log=p
         log(f"resumed from {args.resume} at step {done}")
 
     log(f"{method_name}: {described}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
-        f"({dtype}) on {device}; {method.groups} group(s); {train_tokens.numel()} training tokens")
+        f"({dtype}) on {device}; {method.groups} group(s); {train_tokens.numel()} training tokens"
+        + ("; efficient loss (no full logits)" if efficient_loss else ""))
     if resume is None:
         heldout_start = heldout_loss(model, heldout_tokens, args.seq_len, args.batch_size, device)
 
@@ -392,7 +418,7 @@ def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, log=p
         return None
     session = history["step_seconds"][first:]
     result = {
-        "method": method_name, "steps": done, "groups": method.groups,
+        "method": method_name, "steps": done, "groups": method.groups, "efficient_loss": efficient_loss,
         "step_s": statistics.median(session) if session else float("nan"),
         "tokens_per_s": tokens_per_step / statistics.median(session) if session else float("nan"),
         "peak_GiB": _memory_gib(device),
@@ -531,6 +557,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--offload", default="auto", choices=("auto", "on", "off"),
                         help="optimizer state of inactive groups in pinned host memory (auto: on CUDA)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--efficient-loss", default="auto", choices=("auto", "on", "off"),
+                        help="the loss without full logits (hift_rt.efficient_lm_loss); auto: for vocabularies of "
+                             f"{EFFICIENT_LOSS_MIN_VOCAB} tokens or more")
     parser.add_argument("--compare", choices=("full",), help="also run standard full fine-tuning (torch AdamW)")
     parser.add_argument("--save", help="directory for the model (save_pretrained) and optimizer/rotation state")
     parser.add_argument("--save-every", type=int, default=0,

@@ -21,8 +21,10 @@ optimizer over it. One training step is
 weights, gradients and optimizer state on the device and in host memory.
 
 Biases and norms get no weight decay in every method (`Settings.no_decay`, name substrings), as
-Hugging Face's Trainer does. Owns: the methods. May call: hift_rt.wrap and the optimizer's
-public API, hift_rt.grouping, torch.optim, peft.
+Hugging Face's Trainer does. With `Settings.efficient_loss` every method's model computes its loss
+through hift_rt.efficient_lm_loss (no full logits), applied when the method is built and removed
+by `close()`. Owns: the methods. May call: hift_rt.wrap and the optimizer's public API,
+hift_rt.efficient_lm_loss, hift_rt.grouping, torch.optim, peft.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from . import grouping
+from .loss import efficient_lm_loss
 
 NamedParams = List[Tuple[str, nn.Parameter]]
 
@@ -49,6 +52,7 @@ class Settings:
     units_per_group: int = 1
     offload: Union[str, bool] = "auto"
     seed: int = 0
+    efficient_loss: bool = False            # the model's loss through hift_rt.efficient_lm_loss
 
 
 def _bytes(tensors) -> int:
@@ -78,6 +82,7 @@ class Method:
 
     def __init__(self, model: nn.Module, settings: Settings):
         self.model, self.settings = model, settings
+        self.efficient_loss = efficient_lm_loss(model) if settings.efficient_loss else None
 
     def before_forward(self, step: int) -> None:
         """Called before the forward pass of optimizer step `step` (0-based)."""
@@ -103,7 +108,10 @@ class Method:
         self.optimizer.load_state_dict(state["optimizer"])
 
     def close(self) -> None:
-        """Release what the method holds beyond the model (hift: pinned memory, the engine)."""
+        """Release what the method holds beyond the model (hift: pinned memory, the engine) and
+        give the model back its own loss."""
+        if self.efficient_loss is not None:
+            self.efficient_loss.remove()
 
 
 class Full(Method):
@@ -192,6 +200,7 @@ class LayerwiseSync(Full):
                 "state_host": _bytes(t for t in state if t.device.type == "cpu")}
 
     def close(self) -> None:
+        super().close()
         for p in self.params:
             p.requires_grad_(True)
 
@@ -242,4 +251,5 @@ class HiFT(Method):
             self.scaler.load_state_dict(state["grad_scaler"])
 
     def close(self) -> None:
+        super().close()
         self.optimizer.close()
