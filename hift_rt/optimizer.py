@@ -135,6 +135,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._cycle_lr: Optional[float] = None  # lr_policy="cycle": the lr the current cycle applies
         self._cycle_lr_of: Optional[int] = None  # the cycle _cycle_lr belongs to
         self.last_lr: Optional[float] = None  # the lr the last update applied (what to log)
+        # max_grad_norm: the active group's gradient norm before clipping, as of the last update,
+        # written in place on the device (reading it is the caller's host sync, not step()'s).
+        self.grad_norm = torch.full((), float("nan"), device=self.device)
         self.engine = TransferEngine(self.device) if self.offload else None
 
         ordered = [p for group in self.groups for _, p in group.params]
@@ -309,6 +312,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 norm = norm.sqrt()
             if coef is not None:
                 norm = norm * coef[0]
+            self.grad_norm.copy_(norm)
             clip = torch.clamp(self.config.max_grad_norm / (norm + 1e-6), max=1.0).reshape(1)
             coef = clip if coef is None else coef * clip
         self._updater.update(group, grad, has_grad, lr=self._lr(), options=self._options(), clip_coef=coef)

@@ -8,14 +8,23 @@
 What TrainingArguments say still holds: learning_rate and the schedule (lr_scheduler_type,
 warmup) drive param_groups[0]["lr"] as for any optimizer; weight_decay applies to the parameters
 Trainer would decay (biases and norms excluded); adam_beta1/2 and adam_epsilon go to
-AdamW/Adam; gradient_accumulation_steps, max_grad_norm (Trainer clips the active group, the only
-one with gradients), bf16/fp16 (autocast; fp16's GradScaler hands its scale to hift_rt's kernel),
+AdamW/Adam; gradient_accumulation_steps, max_grad_norm (hift_rt clips the active group, the only
+one with gradients, on the device inside step(); the logged grad_norm is its norm), bf16/fp16 (autocast; fp16's GradScaler hands its scale to hift_rt's kernel),
 save_steps (the optimizer's state_dict carries every group's state and the rotation) and
 resume_from_checkpoint (the rotation continues where it stopped) behave as with Trainer's own
 optimizer. `hift_args` takes hift_rt.wrap's own arguments: optim, strategy, units_per_group,
 groups, offload, lr_policy, master_weights, seed, and further optimizer hyperparameters.
 
 For `Trainer(optimizers=(optimizer, None))` build the optimizer with `hift_optimizer(model, args)`.
+
+Under torchrun / accelerate launch, hift_rt owns the gradient synchronization: HiFTTrainer keeps
+DDP out (accelerate prepares the model as for evaluation: placed and autocast, but not wrapped in
+DistributedDataParallel, whose buckets would all-reduce every gradient of the groups trainable
+when it is built and miss the others), and the optimizer reduce-scatters the active group's
+gradient itself (see hift_rt.distributed). FSDP and DeepSpeed configurations are not for
+HiFTTrainer. Checkpoints: every rank takes part in
+the optimizer's state_dict (a collective when the state is sharded), rank 0 writes it, and every
+rank loads it on resume, with any number of ranks.
 """
 from __future__ import annotations
 
@@ -50,7 +59,11 @@ def hift_optimizer(model, args: TrainingArguments, decay_names: Optional[Iterabl
     if isinstance(optim, str):
         hyper["weight_decay"] = args.weight_decay
     hyper.update(hift_args)
-    config = HiFTConfig.from_arguments(optim, lr=args.learning_rate, no_decay=lambda name: name not in decay, **hyper)
+    # hift_rt clips inside step(), over the gradient of every rank (HiFTTrainer turns Trainer's
+    # own clipping off: before step() the gradients are still each rank's own).
+    max_grad_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
+    config = HiFTConfig.from_arguments(optim, lr=args.learning_rate, no_decay=lambda name: name not in decay,
+                                       max_grad_norm=max_grad_norm, **hyper)
     return HiFTOptimizer(model, config)
 
 
@@ -60,11 +73,35 @@ class HiFTTrainer(Trainer):
     def __init__(self, *args, hift_args: Optional[dict] = None, **kwargs):
         self.hift_args = dict(hift_args or {})
         super().__init__(*args, **kwargs)
+        self.accelerator.prepare_model = _without_ddp(self.accelerator.prepare_model)
+        self.accelerator.prepare_optimizer = _in_place(self.accelerator.prepare_optimizer)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Trainer's save, with the optimizer's state dict taken on every rank first: sharded
+        hift_rt state is gathered to rank 0 by a collective, and Trainer calls state_dict() on the
+        process that saves only."""
+        state = self.optimizer.state_dict()
+        self.optimizer.state_dict = lambda: state  # what Trainer's save asks for, without a second collective
+        try:
+            super()._save_optimizer_and_scheduler(output_dir)
+        finally:
+            del self.optimizer.state_dict
+
+    def _clip_grad_norm(self, model):
+        """hift_rt clips in step(), over the gradient of every rank; the norm it computes there is
+        written into this 0-d device tensor, which Trainer logs after the step."""
+        return self._hift().grad_norm
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return grad_norm  # without clipping, no extra pass over the gradients for the log
+
+    def _hift(self) -> HiFTOptimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps the optimizer
 
     def _get_learning_rate(self) -> float:
         """The lr hift_rt's last update applied (with lr_policy="cycle" it can differ from the
         scheduler's value), so that the logged lr is the one applied."""
-        opt = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps the optimizer
+        opt = self._hift()
         if isinstance(opt, HiFTOptimizer) and opt.last_lr is not None:
             return opt.last_lr
         return super()._get_learning_rate()
@@ -75,3 +112,25 @@ class HiFTTrainer(Trainer):
             self.optimizer = hift_optimizer(model, self.args, self.get_decay_parameter_names(model),
                                             **self.hift_args)
         return self.optimizer
+
+
+def _without_ddp(prepare_model):
+    """accelerate's prepare_model as it prepares a model for evaluation, and without moving it: the
+    model is autocast as for training but not wrapped in DistributedDataParallel (nor FSDP), since
+    hift_rt's optimizer does the gradient synchronization, and it stays where it was wrapped (a
+    move, even from "cpu" to "cpu:0", would copy the parameters away from hift_rt's flat buffers;
+    Trainer has placed the model before it built the optimizer)."""
+    def prepare(model, device_placement=None, evaluation_mode=False):
+        return prepare_model(model, device_placement=False, evaluation_mode=True)
+    return prepare
+
+
+def _in_place(prepare_optimizer):
+    """accelerate's prepare_optimizer without device placement for a HiFTOptimizer: its state lives
+    where the runtime put it (pinned host memory, the device slot), and placement would round-trip
+    the state dict, a collective under data parallelism."""
+    def prepare(optimizer, device_placement=None):
+        if isinstance(optimizer, HiFTOptimizer):
+            device_placement = False
+        return prepare_optimizer(optimizer, device_placement=device_placement)
+    return prepare
