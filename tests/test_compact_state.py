@@ -9,7 +9,7 @@ import torch
 
 import hift_rt
 from hift_rt.families import FAMILIES, SIGNED
-from hift_rt.kernels import Q, dequantize, quantize
+from hift_rt.kernels import Q, dequantize
 from models import batches, loss_of, tiny_llama
 
 FORMATS = [("fp32", "fp32"), ("bf16", "fp32"), ("int8", "fp32"), ("int8", "kahan"), ("bf16", "kahan"),

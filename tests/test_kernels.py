@@ -6,20 +6,15 @@ torch path) and "cuda" (compiled Triton; skipped without a GPU). The CPU path is
 hift_rt.kernels._common.TRITON_ON_CPU, the switch the dispatch reads at call time. Without a GPU,
 one more test compiles every kernel variant for sm_90 and checks the width of its memory accesses.
 """
-import inspect
-import json
 import math
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
 
 from hift_rt.families import FAMILIES
 from hift_rt.kernels import _common, adagrad_update, adamw_update, grad_norm, grad_norm_ref, sgd_update
+from sm90 import compile_for_sm90
 
 SIZES = [1, 7, 1023, 1025, 4097]
 BIG = 2**16 + 3  # 65 programs; the interpreter is slow, so only a few checks use it
@@ -426,26 +421,10 @@ def test_sgd_without_momentum_leaves_a_given_buffer_alone(target):
 
 # ---- compiled for a GPU, without one -------------------------------------------------------
 
-# Runs in a fresh interpreter without TRITON_INTERPRET: a stand-in driver names an sm_90 target,
-# kernel[grid](...) compiles (warmup) instead of launching, and the public wrappers drive every
-# kernel variant through their launchers. Prints, per variant, the global loads and stores of its
-# PTX and what the call asked for: how many int8 states it reads and writes, and whether it clips.
+# Runs under tests/sm90.py's stand-in sm_90 driver: the public wrappers drive every kernel variant
+# through their launchers. Prints, per variant, the global loads and stores of its PTX and what the
+# call asked for: how many int8 states it reads and writes, and whether it clips.
 COMPILE_FOR_SM90 = r"""
-import json, re, torch
-from triton.backends.compiler import GPUTarget
-from triton.runtime.driver import driver
-from triton.runtime.jit import JITFunction
-
-class Sm90Driver:
-    def get_current_target(self): return GPUTarget("cuda", 90, 32)
-    def get_current_device(self): return 0
-    def get_current_stream(self, device=None): return 0
-
-driver.set_active(Sm90Driver())
-compiled = []
-JITFunction.__getitem__ = lambda self, grid: lambda *args, **kwargs: compiled.append(
-    (self.fn.__name__, self.run(*args, grid=grid, warmup=True, **kwargs)))
-
 from hift_rt.kernels import Q, _common, adagrad_update, adamw_update, grad_norm, sgd_update
 _common.TRITON_ON_CPU = True  # send CPU tensors to the (compile-only) Triton launch
 n, one = 4096, torch.zeros(1)
@@ -500,9 +479,7 @@ for fmt in ("bf16", "int8"):
                 momentum_buffer_absmax=b_absmax, writes=k, **weights)
 
 assert len(calls) == len(compiled)
-print(json.dumps([{"kernel": name, "int8_reads": reads, "int8_writes": writes, "clip": clip,
-                   "loads": re.findall(r"ld\.global[\w.]*", kernel.asm["ptx"]),
-                   "stores": re.findall(r"st\.global[\w.]*", kernel.asm["ptx"])}
+print(json.dumps([{"kernel": name, "int8_reads": reads, "int8_writes": writes, "clip": clip, **accesses(kernel)}
                   for (name, kernel), (reads, writes, clip) in zip(compiled, calls)]))
 """
 
@@ -513,21 +490,7 @@ def test_kernels_compile_for_sm90_with_128_bit_accesses():
     other accesses are 32-bit ones, exactly clip_coef, per int8 state read one absmax load and 16
     codebook loads (one per element of the thread: the decode's table lookup), per int8 state
     written one absmax store, and grad_norm's partial."""
-    # The stand-in driver leans on Triton internals; a release that moves them skips this check
-    # (the kernels' own tests still run), it does not fail the suite.
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.runtime.driver import driver
-        from triton.runtime.jit import JITFunction
-    except ImportError as exc:
-        pytest.skip(f"Triton internals moved: {exc}")
-    if not hasattr(driver, "set_active") or "warmup" not in inspect.signature(JITFunction.run).parameters:
-        pytest.skip("Triton internals moved: no driver.set_active or JITFunction.run(warmup=)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    variants = json.loads(done.stdout.splitlines()[-1])
+    variants = compile_for_sm90(COMPILE_FOR_SM90)
     assert {v["kernel"] for v in variants} == {
         "_adamw_kernel", "_adagrad_kernel", "_sgd_kernel", "_grad_norm_partials_kernel"}
     assert len(variants) == 3 * (2 * 6 + 3) + 2 * 5 * 4

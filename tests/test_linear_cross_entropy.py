@@ -13,9 +13,6 @@ import importlib
 import inspect
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,6 +23,7 @@ import hift_rt
 from hift_rt import job, methods
 from hift_rt.kernels import _common, linear_cross_entropy, linear_cross_entropy_ref
 from models import assert_params_close, tiny_gpt2, tiny_llama, train_side_by_side
+from sm90 import compile_for_sm90
 
 lce = importlib.import_module("hift_rt.kernels.linear_cross_entropy")
 
@@ -287,32 +285,16 @@ def test_bad_input_is_refused_with_a_clear_error(torch_path, case):
         linear_cross_entropy(**arguments)
 
 
-# Runs in a fresh interpreter without TRITON_INTERPRET: a stand-in driver names an sm_90 target and
-# kernel[grid](...) compiles (warmup) instead of launching; prints each variant's global accesses.
+# Runs under tests/sm90.py's stand-in sm_90 driver; prints each variant's global accesses.
 COMPILE_FOR_SM90 = r"""
-import importlib, json, re, torch
-from triton.backends.compiler import GPUTarget
-from triton.runtime.driver import driver
-from triton.runtime.jit import JITFunction
-
-class Sm90Driver:
-    def get_current_target(self): return GPUTarget("cuda", 90, 32)
-    def get_current_device(self): return 0
-    def get_current_stream(self, device=None): return 0
-
-driver.set_active(Sm90Driver())
-compiled = []
-JITFunction.__getitem__ = lambda self, grid: lambda *args, **kwargs: compiled.append(
-    self.run(*args, grid=grid, warmup=True, **kwargs))
+import importlib
 lce = importlib.import_module("hift_rt.kernels.linear_cross_entropy")
 rows, v = 4, 128256
 variants = [(torch.float32, True), (torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False)]
 for dtype, grad in variants:
     lce._launch_rows(torch.zeros(rows, v, dtype=dtype), torch.zeros(rows, dtype=torch.long), torch.zeros(rows),
                      -100, grad)
-print(json.dumps([{"grad": grad, "loads": re.findall(r"ld\.global[\w.]*", kernel.asm["ptx"]),
-                   "stores": re.findall(r"st\.global[\w.]*", kernel.asm["ptx"])}
-                  for (dtype, grad), kernel in zip(variants, compiled)]))
+print(json.dumps([{"grad": grad, **accesses(kernel)} for (dtype, grad), (_, kernel) in zip(variants, compiled)]))
 """
 
 
@@ -320,18 +302,7 @@ def test_row_kernel_compiles_for_sm90_with_128_bit_row_accesses():
     """Every dtype compiles for an H100/H200 (sm_90); with V divisible by 16 (Llama-3's 128256)
     every access to a row of logits is 128 bits wide; the others are the label (64-bit), the
     label's logit and the row's loss."""
-    try:  # the stand-in driver leans on Triton internals, as in test_kernels.py
-        from triton.runtime.driver import driver
-        from triton.runtime.jit import JITFunction
-    except ImportError as exc:
-        pytest.skip(f"Triton internals moved: {exc}")
-    if not hasattr(driver, "set_active") or "warmup" not in inspect.signature(JITFunction.run).parameters:
-        pytest.skip("Triton internals moved: no driver.set_active or JITFunction.run(warmup=)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    variants = json.loads(done.stdout.splitlines()[-1])
+    variants = compile_for_sm90(COMPILE_FOR_SM90)
     assert len(variants) == 4
     for variant in variants:
         narrow_loads = [op for op in variant["loads"] if ".v4." not in op]
