@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "kernels": "hift_rt.bench.kernels",
     "engine": "hift_rt.bench.engine",
     "finetune": "hift_rt.bench.finetune",
+    "fidelity": "hift_rt.bench.fidelity",
 }
 
 
