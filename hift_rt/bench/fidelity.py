@@ -9,7 +9,8 @@ evaluates held-out loss on B and on A (forgetting) every `steps / evals` steps. 
 
 Methods are spec strings: `full` (torch AdamW over every parameter) or `hift` with wrap() options,
 e.g. `hift:strategy=random,upg=2,lr_policy=step`. `upg` means units_per_group; `lr=1e-3/3e-3`
-gives the method its own lr grid (else --lrs); `dtype=bf16` casts the model's weights; every
+gives the method its own lr grid (else --lrs; the method's name in the report leaves it out, so
+reports with other grids merge); `dtype=bf16` casts the model's weights; every
 other key=value goes to `hift_rt.wrap` as it is (numbers, true/false and none are converted), so
 new wrap options (e.g. a compact state format) are methods without code changes here.
 
@@ -27,7 +28,9 @@ so that each budget compares annealed losses:
   to target      the steps (and seconds) after which a run's held-out B loss first reaches full's
                  final loss after --target-steps steps (linear between evaluations).
 Time is steps x the run's step time (median over cycles of the mean step time in a cycle, first
-cycle excluded), evaluation excluded: robust to other work on a shared machine. Full fine-tuning
+cycle excluded), evaluation excluded: robust to other work on a shared machine. The clock is wall
+time, except on a CPU with one thread (OMP_NUM_THREADS=1), where it is the process's CPU time:
+there it equals the wall time of an unloaded machine, and other processes do not inflate it. Full fine-tuning
 is always compared at its best lr for that budget (lowest mean over seeds).
 
 The runs go one after another (--jobs N runs N processes on a CPU machine; set
@@ -57,6 +60,7 @@ ALIASES = {"upg": "units_per_group"}
 SHARED = {"max_grad_norm": 1.0, "weight_decay": 0.0}
 RESERVED = tuple(SHARED) + ("seed", "optim")
 PRETRAIN_SEED = 0
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 DEFAULT_CACHE = Path("~/.cache/hift_rt/fidelity")
 
 
@@ -83,7 +87,7 @@ PRESETS = {
     # the CI smoke test's size: seconds on CPU
     "micro": Preset(32, 64, 2, 2, 32, 4, 60, 3e-3, 24, 4, 8, 64 << 10, (3e-3,), ("full", "hift")),
     # CPU, a few minutes with the default methods and 2 seeds (0.8 M parameters, 6 units)
-    "tiny": Preset(128, 344, 4, 4, 128, 8, 1200, 2e-3, 300, 12, 48, 512 << 10, (1e-3,), DEFAULT_METHODS),
+    "tiny": Preset(128, 344, 4, 4, 128, 8, 1200, 2e-3, 240, 12, 32, 512 << 10, (1e-3,), DEFAULT_METHODS),
     # one H100/H200, a few minutes (113 M parameters, 18 units)
     "gpu": Preset(768, 2048, 16, 12, 512, 16, 600, 6e-4, 540, 12, 64, 4 << 20, (3e-4,), DEFAULT_METHODS),
 }
@@ -97,7 +101,7 @@ class FidelityError(Exception):
 
 @dataclass(frozen=True)
 class Method:
-    label: str                          # the spec as the user wrote it
+    label: str                          # the spec as the user wrote it, without its lr grid
     kind: str                           # "full" or "hift"
     lrs: Optional[Tuple[float, ...]]    # its own lr grid, or None for --lrs
     dtype: str                          # the weights' dtype, a key of DTYPES
@@ -134,7 +138,7 @@ def parse_method(spec: str) -> Method:
     kind, _, rest = spec.strip().partition(":")
     if kind not in ("full", "hift"):
         raise FidelityError(f"method {spec!r}: must start with 'full' or 'hift'")
-    fields = {}
+    fields, named = {}, []
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         key = ALIASES.get(key.strip(), key.strip())
@@ -143,6 +147,8 @@ def parse_method(spec: str) -> Method:
         if key in fields:
             raise FidelityError(f"method {spec!r}: {key} given twice")
         fields[key] = value.strip()
+        if key != "lr":
+            named.append(item.strip())
     lrs = _lrs(fields.pop("lr").split("/"), f"method {spec!r}") if "lr" in fields else None
     dtype = fields.pop("dtype", "fp32")
     if dtype not in DTYPES:
@@ -152,7 +158,8 @@ def parse_method(spec: str) -> Method:
             raise FidelityError(f"method {spec!r}: {key} is the same for every method and set by the benchmark")
     if kind == "full" and fields:
         raise FidelityError(f"method {spec!r}: full takes only lr= and dtype=, got {', '.join(fields)}")
-    return Method(spec.strip(), kind, lrs, dtype, tuple((k, _value(v)) for k, v in fields.items()))
+    label = ":".join([kind, ",".join(named)]) if named else kind
+    return Method(label, kind, lrs, dtype, tuple((k, _value(v)) for k, v in fields.items()))
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,7 @@ class Setup:
     eval_every: int
     warmup_ratio: float
     schedule: str               # "cosine" or "linear"
+    clock: str                  # "wall" or "cpu" (see the module docstring)
     train_b: torch.Tensor       # (n,) int64 byte tokens of corpus B's training split
     eval_a: torch.Tensor        # (eval_windows, seq_len) held-out windows of A
     eval_b: torch.Tensor        # (eval_windows, seq_len) held-out windows of B
@@ -245,7 +253,7 @@ def _train(model, opt, schedule, clip, batches: _Batches, steps: int, setup: Set
     evals = [evaluate(0, None, 0.0)] if evaluate else []
     for step in range(1, steps + 1):
         batch = batches.next().to(setup.device)
-        start = time.perf_counter()
+        start = CLOCKS[setup.clock]()
         with _autocast(setup):
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -255,7 +263,7 @@ def _train(model, opt, schedule, clip, batches: _Batches, steps: int, setup: Set
         schedule.step()
         opt.zero_grad()
         losses.append(loss.item())  # waits for the compute stream only: the step is done
-        step_times.append(time.perf_counter() - start)
+        step_times.append(CLOCKS[setup.clock]() - start)
         if evaluate and (step % setup.eval_every == 0 or step == steps):
             evals.append(evaluate(step, statistics.fmean(losses), sum(step_times)))
             losses = []
@@ -468,7 +476,7 @@ def _settings(args) -> dict:
         raise FidelityError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
     methods = [parse_method(spec) for spec in (args.methods or preset.methods)]
     if len({m.label for m in methods}) != len(methods):
-        raise FidelityError("--methods has a method twice")
+        raise FidelityError("--methods has a method twice (give one spec a grid: lr=1e-3/3e-3)")
     lrs = _lrs(args.lrs.split(","), "--lrs") if args.lrs else preset.lrs
     if args.plot and not _has_matplotlib():
         raise FidelityError("--plot needs matplotlib (pip install hift_rt[bench])")
@@ -498,9 +506,11 @@ def run_benchmark(args, log=print) -> dict:
     preset = dataclasses.replace(preset, pretrain_steps=settings["pretrain_steps"])
     corpus_a = corpora.pydoc_topics()
     corpus_b = corpora.stdlib_source(preset.corpus_b_bytes)
-    setup = Setup(_model_config(preset, preset.seq_len), settings["device"], settings["device"].startswith("cuda"),
+    on_cuda = settings["device"].startswith("cuda")
+    clock = "cpu" if not on_cuda and torch.get_num_threads() == 1 else "wall"
+    setup = Setup(_model_config(preset, preset.seq_len), settings["device"], on_cuda,
                   preset.batch, preset.seq_len, max(1, settings["steps"] // settings["evals"]),
-                  settings["warmup_ratio"], settings["schedule"], corpus_b.train,
+                  settings["warmup_ratio"], settings["schedule"], clock, corpus_b.train,
                   corpora.eval_windows(corpus_a.heldout, preset.seq_len, preset.eval_windows),
                   corpora.eval_windows(corpus_b.heldout, preset.seq_len, preset.eval_windows), checkpoint="")
     methods = settings.pop("methods")
@@ -510,7 +520,7 @@ def run_benchmark(args, log=print) -> dict:
     runs = plan(methods, settings["lrs"], settings["seeds"], settings["steps"], settings["target_steps"], groups)
     log(f"stage 2: {len(runs)} runs, {sum(r.steps for r in runs)} steps in all")
     reports = _execute(setup, runs, args.jobs, log)
-    settings.update(model=setup.model_config, batch=setup.batch, seq_len=setup.seq_len, eval_every=setup.eval_every,
+    settings.update(clock=clock, model=setup.model_config, batch=setup.batch, seq_len=setup.seq_len, eval_every=setup.eval_every,
                     eval_windows=preset.eval_windows, pretrain_lr=preset.pretrain_lr,
                     shared=dict(SHARED), methods=[m.label for m in methods])
     return {"benchmark": "fidelity", "settings": settings, "environment": _environment(settings["device"]),

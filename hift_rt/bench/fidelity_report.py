@@ -142,9 +142,9 @@ def table(report: dict) -> str:
     """The summary as text: one row per (method, lr), then full's frontier."""
     summary, settings = report["summary"], report["settings"]
     steps = settings["steps"]
-    lines = [f"fidelity ({settings['preset']}, {report['environment']['device']}): fine-tuning on B for T={steps} "
-             f"steps, seeds {settings['seeds']}; stage 1 held-out A {report['stage1']['heldout_A']:.3f}, "
-             f"B {report['stage1']['heldout_B']:.3f}",
+    lines = [f"fidelity ({settings['preset']}, {report['environment']['device']}, {settings['clock']} clock): "
+             f"fine-tuning on B for T={steps} steps, seeds {settings['seeds']}; stage 1 held-out A "
+             f"{report['stage1']['heldout_A']:.3f}, B {report['stage1']['heldout_B']:.3f}",
              f"gaps: held-out B loss against {summary['reference']} at its best lr: equal steps (full T), equal "
              f"updates (full T/k), equal time (full interpolated at the method's T x step time)"]
     target = summary["target"]
