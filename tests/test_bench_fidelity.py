@@ -154,6 +154,9 @@ def test_budgets_on_hand_made_runs():
     assert hift["to_target"]["reached"] == 1 and hift["to_target"]["steps"]["mean"] == pytest.approx(7.2)
     assert hift["to_target"]["seconds"]["mean"] == pytest.approx(7.2 * 0.6)
     assert hift["forgetting_A"]["mean"] == pytest.approx(0.2)
+    assert [(p["lr"], p["steps"], p["seconds"]) for p in summary["full_frontier"]] == [
+        (lr, n, float(n)) for lr in (1e-3, 3e-3) for n in (2, 4, 8)]
+    assert summary["full_frontier"][0]["forgetting_A"]["mean"] == pytest.approx(0.2)
     assert "not reached" not in fidelity_report.table({**report, "summary": summary, "environment": {"device": "cpu"},
                                                         "stage1": {"heldout_A": 1.0, "heldout_B": 4.0},
                                                         "settings": {**report["settings"], "preset": "x",

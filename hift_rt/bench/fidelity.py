@@ -10,9 +10,9 @@ evaluates held-out loss on B and on A (forgetting) every `steps / evals` steps. 
 Methods are spec strings: `full` (torch AdamW over every parameter) or `hift` with wrap() options,
 e.g. `hift:strategy=random,upg=2,lr_policy=step`. `upg` means units_per_group; `lr=1e-3/3e-3`
 gives the method its own lr grid (else --lrs; the method's name in the report leaves it out, so
-reports with other grids merge); `dtype=bf16` casts the model's weights; every
-other key=value goes to `hift_rt.wrap` as it is (numbers, true/false and none are converted), so
-new wrap options (e.g. a compact state format) are methods without code changes here.
+reports with other grids merge); `dtype=bf16` casts the model's weights; every other key=value
+goes to `hift_rt.wrap` as it is (numbers, true/false and none are converted), so new wrap
+options (e.g. a compact state format) are methods without code changes here.
 
 Every run shares the schedule: a linear warmup from 0 over ceil(warmup_ratio x steps) steps (as
 Trainer does), then cosine (or linear) decay to 0 at the run's last step; gradients clipped to
@@ -30,8 +30,8 @@ so that each budget compares annealed losses:
 Time is steps x the run's step time (median over cycles of the mean step time in a cycle, first
 cycle excluded), evaluation excluded: robust to other work on a shared machine. The clock is wall
 time, except on a CPU with one thread (OMP_NUM_THREADS=1), where it is the process's CPU time:
-there it equals the wall time of an unloaded machine, and other processes do not inflate it. Full fine-tuning
-is always compared at its best lr for that budget (lowest mean over seeds).
+there it equals the wall time of an unloaded machine, and other processes do not inflate it.
+Full fine-tuning is always compared at its best lr for that budget (lowest mean over seeds).
 
 The runs go one after another (--jobs N runs N processes on a CPU machine; set
 OMP_NUM_THREADS=1). --merge combines the runs of earlier --json files of the same setting.
@@ -88,8 +88,9 @@ PRESETS = {
     "micro": Preset(32, 64, 2, 2, 32, 4, 60, 3e-3, 24, 4, 8, 64 << 10, (3e-3,), ("full", "hift")),
     # CPU, a few minutes with the default methods and 2 seeds (0.8 M parameters, 6 units)
     "tiny": Preset(128, 344, 4, 4, 128, 8, 1200, 2e-3, 240, 12, 32, 512 << 10, (1e-3,), DEFAULT_METHODS),
-    # one H100/H200, a few minutes (113 M parameters, 18 units)
-    "gpu": Preset(768, 2048, 16, 12, 512, 16, 600, 6e-4, 540, 12, 64, 4 << 20, (3e-4,), DEFAULT_METHODS),
+    # one H100/H200, a few minutes (113 M parameters, 18 units); 300 x 4096 tokens of pretraining
+    # is ~3 passes over A's 420 K training tokens: more would mostly overfit A
+    "gpu": Preset(768, 2048, 16, 12, 256, 16, 300, 6e-4, 540, 12, 64, 4 << 20, (3e-4,), DEFAULT_METHODS),
 }
 
 
@@ -349,7 +350,6 @@ def stage1(preset: Preset, setup: Setup, corpus_a: corpora.Corpus, cache_dir: Pa
 
 def run_one(setup: Setup, run: Run) -> dict:
     """Fine-tune stage 1's checkpoint on B with one method, lr and seed; the run's report."""
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     method = run.method
     model = _build_model(setup.model_config, setup.device, DTYPES[method.dtype])
     state = torch.load(setup.checkpoint, map_location=setup.device, weights_only=True)["model"]

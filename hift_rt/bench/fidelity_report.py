@@ -41,6 +41,10 @@ def crossing_step(evals: List[dict], target: float) -> Optional[float]:
     return None
 
 
+def _forgetting(runs) -> dict:
+    return stats([_final(r, "A") - r["evals"][0]["loss_A"] for r in runs])
+
+
 def _grouped(runs) -> Dict[tuple, List[dict]]:
     """(method, lr, steps) -> the runs over seeds."""
     grouped = defaultdict(list)
@@ -55,10 +59,12 @@ class _Reference:
     def __init__(self, grouped, label: Optional[str]):
         self.label = label
         self.loss = defaultdict(dict)  # lr -> steps -> stats of final B
+        self.forgetting = defaultdict(dict)  # lr -> steps -> stats of final A - A before
         step_times = []
         for (method, lr, steps), runs in grouped.items():
             if method == label:
                 self.loss[lr][steps] = stats([_final(r, "B") for r in runs])
+                self.forgetting[lr][steps] = _forgetting(runs)
                 step_times += [r["step_s"] for r in runs]
         # One step time for all full runs (their median): the frontier's time axis should not
         # carry each run's share of other work on a shared machine.
@@ -121,10 +127,11 @@ def summarize(report: dict) -> dict:
                 "method": method, "lr": lr, "groups": k, "step_s": step_s, "seeds": [r["seed"] for r in runs],
                 "loss_B": loss, "loss_A_before": runs[0]["evals"][0]["loss_A"],
                 "loss_A": stats([_final(r, "A") for r in runs]),
-                "forgetting_A": stats([_final(r, "A") - r["evals"][0]["loss_A"] for r in runs]),
+                "forgetting_A": _forgetting(runs),
                 "equal": {budget: {"full": ref, "gap_pct": _gap(loss["mean"], ref)} for budget, ref in equal.items()},
                 "to_target": _to_target(runs, target and target["loss_B"], step_s)})
-    frontier = [{"lr": lr, "steps": n, "loss_B": s, "seconds": n * reference.step_s}
+    frontier = [{"lr": lr, "steps": n, "loss_B": s, "forgetting_A": reference.forgetting[lr][n],
+                 "seconds": n * reference.step_s}
                 for lr, by_steps in sorted(reference.loss.items()) for n, s in sorted(by_steps.items())]
     return {"reference": label, "full_step_s": reference.step_s, "target": target, "rows": rows,
             "full_frontier": frontier}
@@ -146,7 +153,8 @@ def table(report: dict) -> str:
              f"fine-tuning on B for T={steps} steps, seeds {settings['seeds']}; stage 1 held-out A "
              f"{report['stage1']['heldout_A']:.3f}, B {report['stage1']['heldout_B']:.3f}",
              f"gaps: held-out B loss against {summary['reference']} at its best lr: equal steps (full T), equal "
-             f"updates (full T/k), equal time (full interpolated at the method's T x step time)"]
+             f"updates (full T/k), equal time (full interpolated at the method's T x step time)"
+             if summary["reference"] else "no full fine-tuning runs: no gaps, no target"]
     target = summary["target"]
     if target:
         lines.append(f"target: {summary['reference']}'s final held-out B {target['loss_B']:.3f} after "
@@ -168,7 +176,7 @@ def table(report: dict) -> str:
         lines.append(f"{summary['reference']} by run length (the budgets' references), "
                      f"{summary['full_step_s'] * 1e3:.1f} ms/step:")
         lines += [f"  lr {p['lr']:.1e} {p['steps']:>6} steps {p['seconds']:>8.1f} s  held-out B {_pm(p['loss_B'])}"
-                  for p in summary["full_frontier"]]
+                  f"  A forgetting {_pm(p['forgetting_A'])}" for p in summary["full_frontier"]]
     return "\n".join(lines)
 
 
@@ -199,13 +207,16 @@ def plot(report: dict, path: str) -> None:
         by_step.plot(steps, loss_b, label=label)
         by_time.plot([s * row["step_s"] for s in steps], loss_b, label=label)
         forgetting.plot(*_mean_curve(runs, "loss_A"), label=label)
-    frontier = summary["full_frontier"]
-    if frontier:
-        best_lr = summary["target"]["lr"] if summary["target"] else frontier[0]["lr"]
-        points = [p for p in frontier if p["lr"] == best_lr]
+    best_by_length = {}
+    for point in summary["full_frontier"]:
+        known = best_by_length.get(point["steps"])
+        if known is None or point["loss_B"]["mean"] < known["loss_B"]["mean"]:
+            best_by_length[point["steps"]] = point
+    if best_by_length:
+        points = sorted(best_by_length.values(), key=lambda p: p["steps"])
         for axis, x in ((by_step, "steps"), (by_time, "seconds")):
             axis.plot([p[x] for p in points], [p["loss_B"]["mean"] for p in points], "ko",
-                      label=f"{summary['reference']} lr={best_lr:g}, final loss of shorter runs")
+                      label=f"{summary['reference']}: final loss of a run of that length, best lr")
     by_step.set(xlabel="optimizer steps", ylabel="held-out loss on B (fine-tuning domain)")
     by_time.set(xlabel="seconds (steps x step time)", ylabel="held-out loss on B")
     forgetting.set(xlabel="optimizer steps", ylabel="held-out loss on A (pretraining domain)")
