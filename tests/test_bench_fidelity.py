@@ -26,19 +26,19 @@ def micro(tmp_path_factory):
 def test_micro_report_structure_and_numbers(micro):
     report, _, _ = micro
     settings = report["settings"]
-    assert settings["preset"] == "micro" and settings["steps"] == 24 and settings["seeds"] == [0, 1]
+    assert settings["preset"] == "micro" and settings["steps"] == 16 and settings["seeds"] == [0, 1]
     assert report["stage1"]["cached"] is False and len(report["stage1"]["key"]) == 16
     assert report["corpora"]["B"]["modules"] == sorted(report["corpora"]["B"]["modules"])
     # hift with 4 units (embeddings, 2 blocks, head): k = 4 with upg=1, 2 with upg=2; so full runs
-    # T = 24, T/2 = 12 (the target and k = 2) and T/4 = 6 steps.
+    # T = 16, T/2 = 8 (the target and k = 2) and T/4 = 4 steps.
     runs = {(r["method"], r["lr"], r["seed"], r["steps"]): r for r in report["runs"]}
-    expected = {("full", 3e-3, seed, n) for seed in (0, 1) for n in (6, 12, 24)}
-    expected |= {(m, 3e-3, seed, 24) for m in METHODS[1:] for seed in (0, 1)}
+    expected = {("full", 3e-3, seed, n) for seed in (0, 1) for n in (4, 8, 16)}
+    expected |= {(m, 3e-3, seed, 16) for m in METHODS[1:] for seed in (0, 1)}
     assert set(runs) == expected
-    assert runs[("hift", 3e-3, 0, 24)]["groups"] == 4 and runs[(METHODS[2], 3e-3, 0, 24)]["groups"] == 2
+    assert runs[("hift", 3e-3, 0, 16)]["groups"] == 4 and runs[(METHODS[2], 3e-3, 0, 16)]["groups"] == 2
     for run in report["runs"]:
         evals = run["evals"]
-        assert [e["step"] for e in evals] == sorted({*range(0, run["steps"] + 1, 6), run["steps"]})
+        assert [e["step"] for e in evals] == sorted({*range(0, run["steps"] + 1, 4), run["steps"]})
         assert all(math.isfinite(e[k]) for e in evals for k in ("loss_A", "loss_B"))
         assert run["step_s"] > 0
         assert evals[0]["loss_B"] == pytest.approx(report["stage1"]["heldout_B"], rel=1e-5)
@@ -47,13 +47,13 @@ def test_micro_report_structure_and_numbers(micro):
     summary = report["summary"]
     rows = {row["method"]: row for row in summary["rows"]}
     assert list(rows) == METHODS and summary["reference"] == "full"
-    assert summary["target"]["steps"] == 12
+    assert summary["target"]["steps"] == 8
     assert rows["full"]["equal"]["steps"]["gap_pct"] == 0
     for method, k in (("hift", 4), (METHODS[2], 2)):
         row = rows[method]
         assert row["groups"] == k and row["loss_B"]["n"] == 2
-        assert row["equal"]["updates"]["full"]["steps"] == 24 // k
-        full_then = [runs[("full", 3e-3, s, 24 // k)]["evals"][-1]["loss_B"] for s in (0, 1)]
+        assert row["equal"]["updates"]["full"]["steps"] == 16 // k
+        full_then = [runs[("full", 3e-3, s, 16 // k)]["evals"][-1]["loss_B"] for s in (0, 1)]
         assert row["equal"]["updates"]["gap_pct"] == pytest.approx(
             100 * (row["loss_B"]["mean"] / (sum(full_then) / 2) - 1))
         assert math.isfinite(row["forgetting_A"]["mean"]) and row["to_target"]["of"] == 2
@@ -67,8 +67,8 @@ def test_second_run_reuses_stage1_and_reproduces_the_runs(micro, tmp_path):
     again = json.loads(out.read_text())
     assert again["stage1"]["cached"] is True and again["stage1"]["key"] == first["stage1"]["key"]
     assert again["stage1"]["heldout_A"] == first["stage1"]["heldout_A"]
-    before = next(r for r in first["runs"] if (r["method"], r["seed"], r["steps"]) == ("full", 0, 24))
-    now = next(r for r in again["runs"] if r["steps"] == 24)
+    before = next(r for r in first["runs"] if (r["method"], r["seed"], r["steps"]) == ("full", 0, 16))
+    now = next(r for r in again["runs"] if r["steps"] == 16)
     assert [e["loss_B"] for e in now["evals"]] == [e["loss_B"] for e in before["evals"]]
     # A different stage 1 configuration is a different checkpoint.
     assert main(["fidelity", "--preset", "micro", "--cache-dir", str(cache), "--methods", "full", "--seeds", "0",

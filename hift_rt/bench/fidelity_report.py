@@ -200,13 +200,13 @@ def plot(report: dict, path: str) -> None:
         if row["method"] not in best or row["loss_B"]["mean"] < best[row["method"]]["loss_B"]["mean"]:
             best[row["method"]] = row
     fig, (by_step, by_time, forgetting) = plt.subplots(1, 3, figsize=(18, 5.5))
-    for method, row in best.items():
+    for i, (method, row) in enumerate(best.items()):
         runs = grouped[(method, row["lr"], report["settings"]["steps"])]
         steps, loss_b = _mean_curve(runs, "loss_B")
-        label = f"{method} lr={row['lr']:g}"
-        by_step.plot(steps, loss_b, label=label)
-        by_time.plot([s * row["step_s"] for s in steps], loss_b, label=label)
-        forgetting.plot(*_mean_curve(runs, "loss_A"), label=label)
+        style = {"label": f"{method} lr={row['lr']:g}", "color": plt.cm.tab20(i % 20)}
+        by_step.plot(steps, loss_b, **style)
+        by_time.plot([s * row["step_s"] for s in steps], loss_b, **style)
+        forgetting.plot(*_mean_curve(runs, "loss_A"), **style)
     best_by_length = {}
     for point in summary["full_frontier"]:
         known = best_by_length.get(point["steps"])
@@ -222,10 +222,10 @@ def plot(report: dict, path: str) -> None:
     forgetting.set(xlabel="optimizer steps", ylabel="held-out loss on A (pretraining domain)")
     for axis in (by_step, by_time, forgetting):
         axis.grid(alpha=0.3)
-    by_step.legend(fontsize=7)
     fig.suptitle(f"fidelity ({report['settings']['preset']}, {report['environment']['device']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.legend(*by_step.get_legend_handles_labels(), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
