@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "kernels": "hift_rt.bench.kernels",
     "engine": "hift_rt.bench.engine",
     "finetune": "hift_rt.bench.finetune",
+    "fidelity": "hift_rt.bench.fidelity",
 }
 
 
