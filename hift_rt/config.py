@@ -54,7 +54,7 @@ class HiFTConfig:
     units_per_group: int = 1
     groups: Optional[Sequence[Sequence[str]]] = None
     offload: Union[str, bool] = "auto"
-    lr_policy: str = "cycle"
+    lr_policy: str = "step"
     max_grad_norm: Optional[float] = None
     no_decay: Union[None, str, Sequence[str], Callable[[str], bool]] = None
     master_weights: Union[str, bool] = "auto"

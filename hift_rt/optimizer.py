@@ -521,7 +521,9 @@ def wrap(model: nn.Module, optim: Union[str, type] = "adamw", **arguments) -> Hi
     units_per_group: consecutive units (input side, each block, output side) per group (default 1).
     groups: lists of parameter-name prefixes, one list per group, bottom to top (overrides units).
     offload: "auto" (state of inactive groups in pinned host memory when on CUDA), True, False.
-    lr_policy: "cycle" (the lr at a cycle's first step holds for the cycle) or "step".
+    lr_policy: "step" (default: every step applies the scheduled lr) or "cycle" (HiFT's per-cycle
+        lr: a cycle holds the largest lr scheduled so far in it, i.e. its first value while the
+        schedule decays and the schedule itself while it rises, as in a warmup from 0).
     max_grad_norm: clip the active group's gradient to this norm (computed on the device).
     no_decay: parameter-name substrings that get no weight decay, e.g. ("bias", "norm"), or a
         function name -> bool.

@@ -14,7 +14,7 @@ def params_of(model, prefixes):
 
 class ReferenceHiFT:
     def __init__(self, model, group_prefixes, optim_cls, *, lr, strategy="bottom_up", seed=0,
-                 lr_policy="cycle", no_decay=(), max_grad_norm=None, **hyper):
+                 lr_policy="step", no_decay=(), max_grad_norm=None, **hyper):
         self.model = model
         self.groups = [params_of(model, prefixes) for prefixes in group_prefixes]
         self.opts = []
