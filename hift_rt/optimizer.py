@@ -122,7 +122,14 @@ class HiFTOptimizer(torch.optim.Optimizer):
 
         self._comm = distributed.resolve(config.process_group)
         shards = self._comm.world if self._comm else 1
-        self.groups: List[FlatGroup] = [rehome(model, unit_group, config.no_decay, shards) for unit_group in cut]
+        self.groups: List[FlatGroup] = []
+        for unit_group in cut:
+            self.groups.append(rehome(model, unit_group, config.no_decay, shards))
+            if self.device.type == "cuda":
+                # The group's old parameters are free now, each in its own segment of the caching
+                # allocator if the model was loaded tensor by tensor: give them back, so that the
+                # memory wrap reserves stays at the weights plus one group.
+                torch.cuda.empty_cache()
         if self._comm:
             self._comm.check_same(self._description())
         self._gradients = GradientBuffer(max(group.numel for group in self.groups), self.dtype, self.device)

@@ -117,3 +117,24 @@ def test_cuda_bf16_master_weights_round_to_nearest():
     for i, entry in opt.state_dict()["state"].items():
         assert torch.equal(params[i].detach().cpu(), entry["master"].to(torch.bfloat16).cpu())
     opt.close()
+
+
+def test_cuda_wrap_reserves_no_more_than_training_plus_one_group():
+    """wrap re-homes group by group and builds the initial state in host memory: the memory it
+    reserves stays within what training holds (weights, gradient buffer, state slot) plus one
+    group's old parameters."""
+    torch.cuda.empty_cache()
+    model = _llama(hidden=512, layers=8)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_reserved()
+    opt = hift_rt.wrap(model, "adamw", lr=1e-4, offload=True, state_window=None)
+    torch.cuda.synchronize()
+    mem = opt.memory_breakdown()
+    largest_group = max(g["buffer_numel"] for g in opt.describe_groups()) * 2
+    training = mem["gradients"] + mem["state_device"]  # the weights are in `base`
+    peak = torch.cuda.max_memory_reserved() - base
+    print(f"\nwrap reserved {peak / 2**20:.1f} MiB over the model's; training holds {training / 2**20:.1f} MiB "
+          f"more, a group's weights are {largest_group / 2**20:.1f} MiB")
+    assert peak <= training + largest_group + 8 * 2**20  # + the allocator's rounding to 2 MiB segments
+    opt.close()
