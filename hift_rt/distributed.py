@@ -31,15 +31,14 @@ import torch.distributed as dist
 
 def resolve(process_group) -> Optional["Communicator"]:
     """process_group=None: the default group when torch.distributed is initialized with more than
-    one rank; False: none; a ProcessGroup: that one. None when there is nothing to communicate."""
+    one rank (None otherwise: nothing to communicate); False: none; a ProcessGroup: that one, even
+    of one rank (the collectives then run, trivially: how a single GPU exercises the NCCL path)."""
     if process_group is False:
         return None
     if process_group is None:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return None
         process_group = dist.group.WORLD
-    if dist.get_world_size(process_group) == 1:
-        return None
     return Communicator(process_group)
 
 

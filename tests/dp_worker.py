@@ -158,6 +158,19 @@ def dies(rank, world):
     return {"raised": None}
 
 
+def nccl_one_rank(rank, world):
+    """One GPU: the NCCL path with R = 1 (an explicit group) against no process group at all."""
+    results = []
+    for group in (dist.group.WORLD, False):
+        model, _ = tiny_llama()
+        model.cuda()
+        opt = hift_rt.wrap(model, "adamw", lr=1e-2, seed=3, eps=1e-3, max_grad_norm=0.05, process_group=group)
+        data = [[b.cuda() for b in step] for step in global_batches(steps=12, accumulate=1, world=1)]
+        train(model, opt, data)
+        results.append((weights(model).cpu(), opt.communication_stats()))
+    return {"max_abs": float((results[0][0] - results[1][0]).abs().max()), "comm": results[0][1]}
+
+
 def mismatch(rank, world):
     """Rank 1 wraps with another seed: wrap must refuse on every rank, naming it."""
     model, _ = tiny_llama()
@@ -172,7 +185,8 @@ def main():
     scenario, rank, world, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     torch.set_num_threads(1)
     timeout = timedelta(seconds=10 if scenario == "dies" else 300)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    backend = "nccl" if scenario == "nccl_one_rank" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timeout)
     if scenario.startswith("equivalence:"):
         report = equivalence(rank, world, scenario.split(":", 1)[1].split(","))
@@ -181,7 +195,7 @@ def main():
     elif scenario.startswith("resume:"):
         report = resume(rank, world, scenario.split(":", 1)[1])
     else:
-        report = {"dies": dies, "mismatch": mismatch}[scenario](rank, world)
+        report = {"dies": dies, "mismatch": mismatch, "nccl_one_rank": nccl_one_rank}[scenario](rank, world)
     with open(f"{out}.rank{rank}", "w") as f:
         json.dump(report, f)
     if scenario != "dies":

@@ -114,3 +114,12 @@ def test_a_rank_that_dies_mid_step_makes_the_others_raise_not_hang(tmp_path):
 def test_ranks_that_wrap_differently_are_refused_naming_the_difference(tmp_path):
     for report in launch("mismatch", 2, tmp_path):
         assert "rank 1 differs from rank 0 in settings.seed (0 vs 1)" in report["message"]
+
+
+@pytest.mark.cuda
+def test_the_nccl_path_with_one_rank_equals_no_process_group(tmp_path):
+    """On one GPU the NCCL collectives run with R = 1 (an explicit process group): the same numbers
+    as without one, and the bytes counted."""
+    report = launch("nccl_one_rank", 1, tmp_path)[0]
+    assert report["max_abs"] <= 1e-6, report
+    assert report["comm"]["reduce_scatter"] > 0 and report["comm"]["all_gather"] > 0 and report["comm"]["all_reduce"] > 0
