@@ -29,6 +29,12 @@ import torch
 import torch.distributed as dist
 
 
+# torch 2.13 renamed the two collectives HiFT's step needs (the old names warn); older torch has
+# only the old ones.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def resolve(process_group) -> Optional["Communicator"]:
     """process_group=None: the default group when torch.distributed is initialized with more than
     one rank (None otherwise: nothing to communicate); False: none; a ProcessGroup: that one, even
@@ -63,14 +69,14 @@ class Communicator:
     # -- the step ----------------------------------------------------------------------------
     def reduce_scatter_mean(self, shard: torch.Tensor, full: torch.Tensor) -> None:
         """shard (n / R,) = this rank's part of the mean over ranks of full (n,)."""
-        dist.reduce_scatter_tensor(shard, full, group=self.group)
+        _reduce_scatter(shard, full, group=self.group)
         shard.div_(self.world)
         self._bytes["reduce_scatter"] += full.numel() * full.element_size()
 
     def all_gather_in_place(self, full: torch.Tensor) -> None:
         """full (n,): every rank's shard from its owner."""
         lo, hi = self.shard(full.numel())
-        dist.all_gather_into_tensor(full, full[lo:hi], group=self.group)
+        _all_gather(full, full[lo:hi], group=self.group)
         self._bytes["all_gather"] += full.numel() * full.element_size()
 
     def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> None:

@@ -1,11 +1,12 @@
 """Where each group's optimizer state lives, and the transfers that move it: the one door for state
 residency, used by every updater.
 
-A group's state is a list of named flat buffers ("fields", any dtype: fp32 moments, an fp32
-master, a torch optimizer's own state tensors, ...), packed one after the other, each starting
-64-byte aligned, into one byte *blob* per group.
+A group's state is a list of named flat buffers ("fields", any dtype: fp32 moments, int8 codes
+and their scales, an fp32 master, a torch optimizer's own state tensors, ...). Offloaded, a
+group's fields are packed one after the other, each starting 64-byte aligned, into one byte
+*blob*: one host buffer, moved as one piece.
 
-- offload=False: every blob is a device tensor.
+- offload=False: every field is a device tensor.
 - offload=True, whole-group *slot*: blobs live in host buffers of the transfer engine (pinned
   under CUDA); the active group's blob sits in one device slot sized for the largest blob.
   Rotating from g to h swaps the slot: g's blob goes out (D2H) while h's comes in (H2D), chunk
@@ -86,7 +87,7 @@ class StateStore:
         self.engine = engine
         self._fields: List[List[StoredField]] = [[] for _ in range(k)]
         self._elements = [0] * k  # each group's flat elements (the range stream() walks)
-        self._blobs: List[Optional[torch.Tensor]] = [None] * k  # device blobs (offload=False)
+        self._on_device: List[Dict[str, torch.Tensor]] = [{} for _ in range(k)]  # offload=False: the fields
         self._hosts: List[Optional[HostBuffer]] = [None] * k  # host buffers (offload=True)
         self._slot = torch.zeros(0, dtype=torch.uint8, device=device)  # whole-group slot, or the ring
         self._resident: Optional[int] = None  # slot: the group whose blob is in it; window: the next group
@@ -121,10 +122,10 @@ class StateStore:
         return list(self._fields[g])
 
     def device_bytes(self) -> int:
-        """Bytes of state on the device: the slot or the ring, or every blob."""
+        """Bytes of state on the device: the slot or the ring, or every field."""
         if self.offloaded:
             return self._slot.numel()
-        return sum(b.numel() for b in self._blobs if b is not None)
+        return sum(_aligned(t.numel() * t.element_size()) for fields in self._on_device for t in fields.values())
 
     def host_bytes(self) -> int:
         return sum(h.nbytes for h in self._hosts if h is not None)
@@ -144,8 +145,8 @@ class StateStore:
         self._elements[g] = elements
         nbytes = self.nbytes(g)
         if not self.offloaded:
-            self._blobs[g] = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
-            self._fill(_views(self._blobs[g], fields), values)
+            self._on_device[g] = {f.name: torch.zeros(f.numel, dtype=f.dtype, device=self.device) for f in fields}
+            self._fill(self._on_device[g], values)
             return
         if self._hosts[g] is not None:
             self._hosts[g].free()  # waits for the transfers that still touch it
@@ -192,14 +193,17 @@ class StateStore:
         """g's fields on the device (not in window mode); offloaded, g must be the resident group
         (its contents may still be arriving: make_ready orders the current stream after them)."""
         if not self.offloaded:
-            return _views(self._blobs[g], self._fields[g])
+            return dict(self._on_device[g])
         if self._resident != g or self.windowed:
             raise RuntimeError(f"group {g}'s whole state is not on the device")
         return _views(self._slot[:self.nbytes(g)], self._fields[g])
 
     def host_views(self, g: int) -> Dict[str, torch.Tensor]:
-        """g's fields in its host buffer (offloaded), as they are: possibly under a transfer."""
-        return _views(self._host(g), self._fields[g])
+        """g's fields in its host buffer (offloaded), as they are: possibly under a transfer. Each
+        is a tensor of its own storage (torch.save refuses views of one storage as several dtypes,
+        and saves a view's whole storage)."""
+        offsets, _ = _offsets(self._fields[g])
+        return {f.name: self._hosts[g].view(f.dtype, off, f.numel) for f, off in zip(self._fields[g], offsets)}
 
     def _host(self, g: int) -> torch.Tensor:
         """g's blob in its host buffer, (nbytes,) uint8."""
@@ -325,8 +329,8 @@ class StateStore:
     def read(self, g: int) -> Dict[str, torch.Tensor]:
         """g's fields as they are now, after every transfer touching them: views of its host
         buffer (live: a later eviction of g rewrites them; they stay valid after close()), or a
-        CPU copy of the slot for the resident group of the whole-group slot, or the device blob's
-        views without offload."""
+        CPU copy of the slot for the resident group of the whole-group slot, or the device fields
+        themselves without offload."""
         if not self.offloaded:
             return self.views(g)
         if self._resident == g and not self.windowed:
