@@ -415,6 +415,26 @@ def read_checkpoint(path: str) -> dict:
     return state
 
 
+def savable(tree):
+    """`tree` (dicts, lists and tuples of tensors and values) with the tensors torch.save refuses
+    copied: views of one storage as different dtypes. The optimizer's state_dict() hands out views
+    of its packed buffers, where int8 codes, their fp32 scales and a bf16 compensation share one
+    storage; the first dtype seen of a storage keeps it, so fp32 state is written without a copy."""
+    dtypes = {}
+
+    def own(value):
+        if isinstance(value, dict):
+            return {key: own(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(own(item) for item in value)
+        if not torch.is_tensor(value):
+            return value
+        first = dtypes.setdefault(value.untyped_storage().data_ptr(), value.dtype)
+        return value if value.dtype == first else value.clone()
+
+    return own(tree)
+
+
 def _settle_run_options(args, saved: dict, log) -> None:
     """Fill the run's options from the checkpoint (resume) or the defaults: refuse a value of
     RUN_OPTIONS that differs from the checkpoint's; a FORMAT_OPTIONS one converts the state."""
@@ -437,25 +457,32 @@ def _settle_run_options(args, saved: dict, log) -> None:
 
 # ---- Ctrl-C --------------------------------------------------------------------------------
 
+STOP_MESSAGE = "stopping after this step (Ctrl-C again quits at once, without saving)"
+# torchrun forwards the first Ctrl-C to every rank as SIGINT; at a second one it ends the ranks
+# with SIGTERM (measured with torch 2.13); it waits --shutdown-timeout for them before SIGKILL.
+TORCHRUN_STOP_MESSAGE = ("stopping every rank after this step (Ctrl-C again quits at once, without saving; "
+                         "torchrun kills the ranks after its --shutdown-timeout, 30 s by default)")
+
+
 class StopOnCtrlC:
     """Within `with`: the first SIGINT asks the job to stop at the next step boundary
-    (`requested`); the second raises KeyboardInterrupt at once, as Python's default handler.
-    `quiet`: no message (the torchrun ranks other than 0). Signal handlers can only be set in the
-    main thread; elsewhere nothing changes."""
+    (`requested`) and writes `message` (None: nothing, the torchrun ranks other than 0); the
+    second raises KeyboardInterrupt at once, as Python's default handler. Signal handlers can
+    only be set in the main thread; elsewhere nothing changes."""
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, message: Optional[str] = STOP_MESSAGE):
         self.requested = False
         self.installed = False
-        self.quiet = quiet
+        self.message = message
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        if self.quiet:
+        if self.message is None:
             return
         try:  # os.write: print() could re-enter a buffered write the signal interrupted
-            os.write(2, b"\nhift-rt: stopping after this step (Ctrl-C again quits at once, without saving)\n")
+            os.write(2, f"\nhift-rt: {self.message}\n".encode())
         except OSError:
             pass
 
@@ -530,7 +557,7 @@ def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, ranks
         heldout_start = heldout_loss(model, heldout_tokens, args.seq_len, args.batch_size, device, ranks)
 
     def save(step: int) -> None:
-        state = {"method": method.state_dict(), "scheduler": scheduler.state_dict(), "step": step,  # a collective
+        state = {"method": savable(method.state_dict()), "scheduler": scheduler.state_dict(), "step": step,  # a collective
                  "sampler": sampler.generator.get_state(), "history": history, "heldout_start": heldout_start,
                  "tokenizer": "bytes" if isinstance(tokenizer, ByteTokenizer) else "hf",
                  "job": {name: getattr(args, name) for name, _ in RUN_OPTIONS + FORMAT_OPTIONS}}
@@ -866,7 +893,8 @@ def train_and_report(args, ranks: Ranks) -> int:
     if resume is not None and resume["step"] > args.steps:
         raise JobError(f"--resume {args.resume} is at step {resume['step']}, beyond --steps {args.steps}: "
                        f"give --steps {resume['step']} or more")
-    with StopOnCtrlC(quiet=not ranks.main) as stop:
+    message = (TORCHRUN_STOP_MESSAGE if ranks.world > 1 else STOP_MESSAGE) if ranks.main else None
+    with StopOnCtrlC(message) as stop:
         results = [run(args, "hift", resume, stop, ranks, log)]
         if args.compare == "full" and not ranks.any(stop.requested):
             results.append(run(args, "full", None, stop, ranks, log))
