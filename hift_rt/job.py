@@ -415,22 +415,32 @@ def read_checkpoint(path: str) -> dict:
     return state
 
 
+def _tensors(tree):
+    """The tensors in `tree` (dicts, lists and tuples of tensors and values)."""
+    if isinstance(tree, dict):
+        return [t for item in tree.values() for t in _tensors(item)]
+    if isinstance(tree, (list, tuple)):
+        return [t for item in tree for t in _tensors(item)]
+    return [tree] if torch.is_tensor(tree) else []
+
+
 def savable(tree):
-    """`tree` (dicts, lists and tuples of tensors and values) with the tensors torch.save refuses
-    copied: views of one storage as different dtypes. The optimizer's state_dict() hands out views
-    of its packed buffers, where int8 codes, their fp32 scales and a bf16 compensation share one
-    storage; the first dtype seen of a storage keeps it, so fp32 state is written without a copy."""
+    """`tree` (dicts, lists and tuples of tensors and values) with copies of the tensors torch.save
+    refuses: views of a storage that other tensors view as another dtype. The optimizer's
+    state_dict() hands out views of its packed buffers, where int8 codes, their fp32 scales and a
+    bf16 compensation share one storage; state of a single dtype is written without a copy."""
     dtypes = {}
+    for tensor in _tensors(tree):
+        dtypes.setdefault(tensor.untyped_storage().data_ptr(), set()).add(tensor.dtype)
 
     def own(value):
         if isinstance(value, dict):
             return {key: own(item) for key, item in value.items()}
         if isinstance(value, (list, tuple)):
             return type(value)(own(item) for item in value)
-        if not torch.is_tensor(value):
-            return value
-        first = dtypes.setdefault(value.untyped_storage().data_ptr(), value.dtype)
-        return value if value.dtype == first else value.clone()
+        if torch.is_tensor(value) and len(dtypes[value.untyped_storage().data_ptr()]) > 1:
+            return value.clone()
+        return value
 
     return own(tree)
 
@@ -581,11 +591,7 @@ def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, ranks
     saves = args.save and method_name == "hift"
     bar = _progress(args.steps, done, method_name, shown=ranks.main)
     tokens_per_step = args.batch_size * ranks.world * args.seq_len * args.grad_accum
-    interrupted = False
-    while done < args.steps:
-        if ranks.any(stop.requested):  # every rank stops after the same step
-            interrupted = True
-            break
+    while done < args.steps and not ranks.any(stop.requested):  # every rank stops after the same step
         start = time.perf_counter()
         active = getattr(method.optimizer, "active_group", 0)
         lr = method.optimizer.param_groups[0]["lr"]
@@ -614,7 +620,7 @@ def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, ranks
     bar.close()
     if saves:
         save(done)
-    if interrupted:
+    if ranks.any(stop.requested):
         kept = f"checkpoint saved in {args.save}; continue with --resume {args.save}" if saves else "nothing kept"
         log(f"interrupted at step {done}: {kept}")
         method.close()
@@ -753,7 +759,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--weight-decay", type=float, help="default: 0, or the checkpoint's with --resume")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="sequences per micro-batch; under torchrun per rank (R ranks: R x this in all)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="0 turns clipping off")
