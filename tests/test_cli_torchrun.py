@@ -29,7 +29,7 @@ from hift_rt.cli import main
 from test_cli import tiny_hf_model
 
 TOL = 2e-5
-STEPS = 24  # the interrupted run's --steps (it stops long before)
+STEPS = 60  # the interrupted run's --steps (Ctrl-C stops it long before)
 COMMON = ["--seq-len", "32", "--warmup-steps", "2", "--lr-schedule", "constant"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0", "PYTHONUNBUFFERED": "1"}
 
@@ -75,7 +75,7 @@ def runs(tmp_path_factory):
         resumed = torchrun("--resume", root / "two", "--steps", STEPS, "--save", root / "resumed",
                            "--json", root / "resumed.json", stderr=err)
         deadline = time.monotonic() + 300
-        while not re.search(rf"\b([6-9]|1\d|2\d)/{STEPS} \[", (root / "resumed.err").read_text(errors="replace")):
+        while not re.search(rf"\b([6-9]|[1-5]\d)/{STEPS} \[", (root / "resumed.err").read_text(errors="replace")):
             assert resumed.poll() is None, (root / "resumed.err").read_text()[-3000:]
             assert time.monotonic() < deadline, "the resumed run shows no step 6 after 300 s"
             time.sleep(0.01)
