@@ -5,9 +5,12 @@
   info       how hift_rt._C was built and which transfer backend runs here, and why
 
 Owns: the command line's parser and the mapping of a job's failure to one `hift-rt: error:` line
-(exit code 2) and of Ctrl-C to exit code 130. May call: hift_rt.job, hift_rt.engine.
+(exit code 2; under torchrun from rank 0 only, every rank exiting with 2) and of Ctrl-C to exit code
+130. May call: hift_rt.job, hift_rt.engine.
 """
 import argparse
+import contextlib
+import io
 import json
 import sys
 
@@ -30,10 +33,21 @@ def _finetune(args) -> int:
     try:
         return job.main(args)
     except job.JobError as exc:
-        print(f"hift-rt: error: {exc}", file=sys.stderr)
+        if job.launched_rank() == 0:  # under torchrun every rank ends with the same error
+            print(f"hift-rt: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+@contextlib.contextmanager
+def _quiet_unless(shown: bool):
+    """Within `with`: stdout and stderr go nowhere unless `shown`."""
+    if shown:
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 def _for_users(doc: str) -> str:
@@ -51,7 +65,8 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="how hift_rt._C was built and which transfer backend runs here, and why")
     ft = sub.add_parser("finetune", help="fine-tune a causal LM with hift_rt", description=_for_users(job.__doc__))
     job.add_arguments(ft)
-    args = parser.parse_args(argv)
+    with _quiet_unless(job.launched_rank() == 0):  # torchrun: --help and usage errors once, from rank 0
+        args = parser.parse_args(argv)
     return {"info": _info, "finetune": _finetune}[args.command](args)
 
 

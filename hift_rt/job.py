@@ -5,7 +5,9 @@ with Python (`pydoc_data.topics`, ~465 KB of English) through a byte-level token
 when there is a GPU and otherwise on the CPU. `--model` takes a local Hugging Face model
 directory, `--data` a .txt file or a UTF-8 .jsonl file with a "text" field. `--efficient-loss`
 (auto: for vocabularies of EFFICIENT_LOSS_MIN_VOCAB tokens or more) computes the loss through
-hift_rt.efficient_lm_loss, without the full logits.
+hift_rt.efficient_lm_loss, without the full logits. `--state-dtype` and `--master` choose how the
+optimizer stores its moments and the master weights (hift_rt.wrap's state_dtype and
+master_weights).
 
 Every option and output path is checked before the first step; bad input ends the job with one
 line (JobError). Ctrl-C stops at the next step boundary and, with --save, writes a checkpoint
@@ -15,13 +17,28 @@ hift_rt.checkpoint and hold the model (save_pretrained), the tokenizer when it i
 one, and STATE_FILE: optimizer, GradScaler, schedule, sampler position, per-step history and the
 run's options.
 
-Owns: options and their checks, data and tokenizer, the training loop, Ctrl-C, what a checkpoint
-holds, the summary, plot and JSON. May call: hift_rt.methods (the ways of training),
-hift_rt.checkpoint, hift_rt.loss (whether a model takes the efficient loss), transformers, tqdm
-and matplotlib when installed.
+Under `torchrun --nproc_per_node R` (WORLD_SIZE > 1) the job joins torch.distributed (NCCL with
+each rank on cuda:LOCAL_RANK, gloo on the CPU) and hift_rt.wrap runs data parallel over it
+(`--compare full`: torch AdamW under DistributedDataParallel). Every rank draws the same
+batch_size x R windows per micro-batch from one seeded generator and trains on its batch_size of
+them, so R ranks with --batch-size B follow one process with --batch-size R*B up to rounding (the
+ranks' mean gradient and mean loss are sums in another order); the logged loss is the mean over
+ranks. Rank 0 alone prints, shows the progress bar and writes the checkpoint, plot and JSON; every
+rank takes part in the optimizer's state_dict() (a collective) before rank 0 saves. A JobError on
+any rank ends every rank with exit code 2 and one line from rank 0 (Ranks.agree). torchrun
+forwards Ctrl-C (SIGINT) to every rank once: the ranks agree at each step boundary whether one was
+asked to stop, so all stop after the same step and save it. A checkpoint resumes on any number of
+ranks, each reading it; --batch-size stays per rank.
+
+Owns: options and their checks, data and tokenizer, the training loop, Ctrl-C, joining torchrun's
+process group and the job's agreements over it, what a checkpoint holds, the summary, plot and
+JSON. May call: hift_rt.methods (the ways of training), hift_rt.checkpoint, hift_rt.loss (whether
+a model takes the efficient loss), torch.distributed, transformers, tqdm and matplotlib when
+installed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,6 +52,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
+import torch.distributed as dist
 
 from . import checkpoint, loss, methods
 
@@ -47,6 +65,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # dtype's default depends on the device)
 RUN_OPTIONS = (("optim", "adamw"), ("strategy", "bottom_up"), ("units_per_group", 1), ("dtype", None),
                ("lr", 1e-3), ("weight_decay", 0.0))
+# Options of how the state is stored: a resumed run takes them from the checkpoint unless given,
+# and may change them (load_state_dict converts moments of another format and derives the master
+# weights from what the checkpoint holds).
+FORMAT_OPTIONS = (("state_dtype", "fp32"), ("master", "auto"))
+MASTER_WEIGHTS = {"auto": "auto", "fp32": "fp32", "kahan": "kahan", "none": False}  # --master -> wrap's
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 MAX_SEED = 2 ** 63 - 1
 LOSS_WINDOW = 10  # steps averaged for the "final loss" and the equal-time loss
@@ -113,34 +136,155 @@ def load_text(path: Optional[str]) -> str:
 
 class WindowSampler:
     """Random windows of seq_len tokens from a token stream, from a seeded generator whose state
-    travels with checkpoints (a resumed run sees the same batches)."""
+    travels with checkpoints (a resumed run sees the same batches). Each call draws
+    batch_size x world windows, the same on every rank, and returns rank's batch_size of them
+    (batch_size, seq_len): `world` ranks see what one process with batch_size x world sees."""
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int):
+    def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         if tokens.numel() < seq_len + 2:
             raise JobError(f"the training text has {tokens.numel()} tokens, fewer than --seq-len {seq_len} + 2")
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+        self.rank, self.world = rank, world
         self.generator = torch.Generator().manual_seed(seed)
 
     def next(self) -> torch.Tensor:
-        starts = torch.randint(0, self.tokens.numel() - self.seq_len, (self.batch_size,), generator=self.generator)
-        return torch.stack([self.tokens[s:s + self.seq_len] for s in starts.tolist()])
+        starts = torch.randint(0, self.tokens.numel() - self.seq_len, (self.batch_size * self.world,),
+                               generator=self.generator)
+        mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return torch.stack([self.tokens[s:s + self.seq_len] for s in mine.tolist()])
+
+
+# ---- torchrun ------------------------------------------------------------------------------
+
+def _torchrun_world() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise JobError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number (torchrun sets it)") from None
+
+
+def launched_rank() -> int:
+    """This process's rank as torchrun's environment gives it (RANK), 0 outside torchrun: the rank
+    that prints."""
+    try:
+        return int(os.environ.get("RANK", "0")) if _torchrun_world() > 1 else 0
+    except (ValueError, JobError):
+        return 0
+
+
+class Ranks:
+    """The processes of this job: rank, world (1 alone) and local_rank from torchrun's
+    environment; `join(device)` initializes torch.distributed from it (NCCL for a CUDA device,
+    gloo for the CPU; a process group that is already initialized is used as it is). The job's own
+    agreements travel over a gloo group (host flags: no device synchronization). Alone, every
+    agreement is the identity and nothing is initialized."""
+
+    def __init__(self):
+        self.world = _torchrun_world()
+        self.rank = self.local_rank = 0
+        self.host_group = None
+        self.owns_group = False
+        if self.world > 1:
+            try:
+                self.rank, self.local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+            except (KeyError, ValueError):
+                raise JobError(f"WORLD_SIZE is {self.world} but RANK and LOCAL_RANK are not both set to numbers: "
+                               "start the job with torchrun") from None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def join(self, device: torch.device) -> None:
+        if self.world == 1:
+            return
+        if not dist.is_available():
+            raise JobError(f"WORLD_SIZE is {self.world} but this torch has no torch.distributed")
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            try:
+                dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+            except (RuntimeError, ValueError) as exc:
+                raise JobError(f"cannot join the torchrun job's process group ({_first_line(exc)})") from None
+            self.owns_group = True
+        if (dist.get_rank(), dist.get_world_size()) != (self.rank, self.world):
+            raise JobError(f"torch.distributed has rank {dist.get_rank()} of {dist.get_world_size()}; "
+                           f"the environment says RANK {self.rank} of WORLD_SIZE {self.world}")
+        gloo = dist.get_backend() == "gloo"
+        self.host_group = dist.group.WORLD if gloo else dist.new_group(backend="gloo")
+
+    def leave(self) -> None:
+        if self.owns_group:
+            dist.destroy_process_group()
+            self.owns_group = False
+
+    @contextlib.contextmanager
+    def agree(self):
+        """Run the block on every rank; where it raised JobError on some rank, raise one on every
+        rank: rank 0's, else the first failing rank's (named). Every rank must enter the block."""
+        error = None
+        try:
+            yield
+        except JobError as exc:
+            if self.world == 1:
+                raise
+            error = str(exc)
+        if self.world == 1:
+            return
+        errors = [None] * self.world
+        dist.all_gather_object(errors, error, group=self.host_group)
+        failed = [(rank, text) for rank, text in enumerate(errors) if text is not None]
+        if failed:
+            rank, text = failed[0]
+            raise JobError(text if rank == 0 else f"rank {rank}: {text}")
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is true on some rank (a collective)."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([int(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.host_group)
+        return bool(value.item())
+
+    def mean(self, value: float) -> float:
+        """The mean over ranks of `value` (a collective)."""
+        if self.world == 1:
+            return value
+        return float(self.sum(torch.tensor([value], dtype=torch.float64))) / self.world
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum over ranks of a float64 CPU tensor (a collective)."""
+        if self.world > 1:
+            dist.all_reduce(values, group=self.host_group)
+        return values
 
 
 # ---- device, model, tokenizer --------------------------------------------------------------
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
+def pick_device(name: str, ranks: Ranks) -> torch.device:
+    """--device as a torch.device. Under torchrun (more than one rank) "auto" and "cuda" mean
+    cuda:LOCAL_RANK, one GPU per rank."""
+    if name == "cpu" or name == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
     kind, _, index = name.partition(":")
-    if kind != "cuda" or (index and not index.isdigit()):
+    if name != "auto" and (kind != "cuda" or (index and not index.isdigit())):
         raise JobError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
         raise JobError(f"--device {name}: no CUDA GPU is available here")
-    if index and int(index) >= torch.cuda.device_count():
-        raise JobError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return torch.device(name)
+    count = torch.cuda.device_count()
+    if ranks.world > 1:
+        if index:
+            raise JobError(f"--device {name}: under torchrun each rank runs on cuda:LOCAL_RANK; "
+                           "give --device cuda or auto")
+        if ranks.local_rank >= count:
+            raise JobError(f"LOCAL_RANK {ranks.local_rank}: this machine has {count} CUDA device(s); "
+                           f"start at most {count} ranks per machine (--nproc-per-node)")
+        return torch.device("cuda", ranks.local_rank)
+    if index and int(index) >= count:
+        raise JobError(f"--device {name}: this machine has {count} CUDA device(s)")
+    return torch.device("cuda" if name == "auto" else name)
 
 
 def build_model(path: Optional[str], option: str, device: torch.device, dtype: torch.dtype, seed: int):
@@ -199,17 +343,27 @@ def lr_factor(schedule: str, warmup: int, total: int):
 
 
 @torch.no_grad()
-def heldout_loss(model, tokens: torch.Tensor, seq_len: int, batch_size: int, device, max_batches: int = 8) -> float:
-    """Mean loss over consecutive held-out windows (the same windows for every method)."""
+def heldout_loss(model, tokens: torch.Tensor, seq_len: int, batch_size: int, device, ranks: Ranks,
+                 max_batches: int = 8) -> float:
+    """Mean over batches of the loss on the first max_batches batches of batch_size x R
+    consecutive held-out windows (the same windows for every method and for one process with
+    the global batch). Rank r computes its batch_size windows of each batch; a batch's loss is
+    sum over ranks of (loss x windows) / windows, every window having seq_len tokens."""
     was_training = model.training
     model.eval()
-    windows = [tokens[i:i + seq_len] for i in range(0, tokens.numel() - seq_len, seq_len)][:max_batches * batch_size]
-    losses = []
-    for i in range(0, len(windows), batch_size):
-        batch = torch.stack(windows[i:i + batch_size]).to(device)
-        losses.append(model(input_ids=batch, labels=batch).loss.float().item())
+    width = batch_size * ranks.world
+    windows = [tokens[i:i + seq_len] for i in range(0, tokens.numel() - seq_len, seq_len)][:max_batches * width]
+    batches = [windows[i:i + width] for i in range(0, len(windows), width)]
+    sums = torch.zeros(2, len(batches), dtype=torch.float64)  # (loss x windows, windows) per batch
+    for b, batch in enumerate(batches):
+        mine = batch[ranks.rank * batch_size:(ranks.rank + 1) * batch_size]
+        if mine:
+            ids = torch.stack(mine).to(device)
+            sums[0, b] = model(input_ids=ids, labels=ids).loss.float().item() * len(mine)
+            sums[1, b] = len(mine)
     model.train(was_training)
-    return statistics.fmean(losses) if losses else float("nan")
+    sums = ranks.sum(sums)
+    return statistics.fmean((sums[0] / sums[1]).tolist()) if batches else float("nan")
 
 
 def _memory_gib(device) -> float:
@@ -261,38 +415,84 @@ def read_checkpoint(path: str) -> dict:
     return state
 
 
-def _settle_run_options(args, saved: dict) -> None:
-    """Fill the options that fix the state layout from the checkpoint (resume) or the defaults;
-    refuse a value that differs from the checkpoint's."""
-    for name, default in RUN_OPTIONS:
+def _tensors(tree):
+    """The tensors in `tree` (dicts, lists and tuples of tensors and values)."""
+    if isinstance(tree, dict):
+        return [t for item in tree.values() for t in _tensors(item)]
+    if isinstance(tree, (list, tuple)):
+        return [t for item in tree for t in _tensors(item)]
+    return [tree] if torch.is_tensor(tree) else []
+
+
+def savable(tree):
+    """`tree` (dicts, lists and tuples of tensors and values) with copies of the tensors torch.save
+    refuses: views of a storage that other tensors view as another dtype. The optimizer's
+    state_dict() hands out views of its packed buffers, where int8 codes, their fp32 scales and a
+    bf16 compensation share one storage; state of a single dtype is written without a copy."""
+    dtypes = {}
+    for tensor in _tensors(tree):
+        dtypes.setdefault(tensor.untyped_storage().data_ptr(), set()).add(tensor.dtype)
+
+    def own(value):
+        if isinstance(value, dict):
+            return {key: own(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(own(item) for item in value)
+        if torch.is_tensor(value) and len(dtypes[value.untyped_storage().data_ptr()]) > 1:
+            return value.clone()
+        return value
+
+    return own(tree)
+
+
+def _settle_run_options(args, saved: dict, log) -> None:
+    """Fill the run's options from the checkpoint (resume) or the defaults: refuse a value of
+    RUN_OPTIONS that differs from the checkpoint's; a FORMAT_OPTIONS one converts the state."""
+    for name, default in RUN_OPTIONS + FORMAT_OPTIONS:
         given, flag = getattr(args, name), "--" + name.replace("_", "-")
         if name in saved and given is not None and given != saved[name]:
-            raise JobError(f"--resume {args.resume} was saved with {flag} {saved[name]}; this run asks for "
-                           f"{flag} {given} (drop {flag} to continue the saved run)")
+            if (name, default) in RUN_OPTIONS:
+                raise JobError(f"--resume {args.resume} was saved with {flag} {saved[name]}; this run asks for "
+                               f"{flag} {given} (drop {flag} to continue the saved run)")
+            log(f"note: --resume {args.resume} was saved with {flag} {saved[name]}; its optimizer state is "
+                f"converted to {flag} {given}")
         if given is None:
             given = saved.get(name, default)
         setattr(args, name, given)
     if args.dtype is None:
-        args.dtype = "bf16" if pick_device(args.device).type == "cuda" else "fp32"
+        args.dtype = "bf16" if args.device.type == "cuda" else "fp32"
+    if args.master in ("fp32", "kahan") and args.dtype == "fp32":
+        raise JobError(f"--master {args.master} needs --dtype bf16 or fp16 (fp32 weights are their own master)")
 
 
 # ---- Ctrl-C --------------------------------------------------------------------------------
 
+STOP_MESSAGE = "stopping after this step (Ctrl-C again quits at once, without saving)"
+# torchrun forwards the first Ctrl-C to every rank as SIGINT; at a second one it ends the ranks
+# with SIGTERM (measured with torch 2.13); it waits --shutdown-timeout for them before SIGKILL.
+TORCHRUN_STOP_MESSAGE = ("stopping every rank after this step (Ctrl-C again quits at once, without saving; "
+                         "torchrun kills the ranks after its --shutdown-timeout, 30 s by default)")
+
+
 class StopOnCtrlC:
     """Within `with`: the first SIGINT asks the job to stop at the next step boundary
-    (`requested`); the second raises KeyboardInterrupt at once, as Python's default handler.
-    Signal handlers can only be set in the main thread; elsewhere nothing changes."""
+    (`requested`) and writes `message` (None: nothing, the torchrun ranks other than 0); the
+    second raises KeyboardInterrupt at once, as Python's default handler. Signal handlers can
+    only be set in the main thread; elsewhere nothing changes."""
 
-    def __init__(self):
+    def __init__(self, message: Optional[str] = STOP_MESSAGE):
         self.requested = False
         self.installed = False
+        self.message = message
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        if self.message is None:
+            return
         try:  # os.write: print() could re-enter a buffered write the signal interrupted
-            os.write(2, b"\nhift-rt: stopping after this step (Ctrl-C again quits at once, without saving)\n")
+            os.write(2, f"\nhift-rt: {self.message}\n".encode())
         except OSError:
             pass
 
@@ -309,64 +509,68 @@ class StopOnCtrlC:
 
 # ---- one run -------------------------------------------------------------------------------
 
-def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, log=print) -> Optional[dict]:
+def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, ranks: Ranks, log=print) -> Optional[dict]:
     """Train with `method_name` ("hift" or "full") as `args` say, from `resume` (a state from
-    read_checkpoint) when given; returns the run's figures, or None when Ctrl-C stopped it."""
-    device = pick_device(args.device)
-    dtype = DTYPES[args.dtype]
+    read_checkpoint) when given; returns the run's figures, or None when Ctrl-C stopped it. Every
+    rank runs it; `log` prints (rank 0's)."""
+    device, dtype = args.device, DTYPES[args.dtype]
     source, option = (args.resume, "--resume") if resume is not None else (args.model, "--model")
-    model, described = build_model(source, option, device, dtype, args.seed)
-    if resume is not None and resume.get("tokenizer") == "bytes":
-        tokenizer = ByteTokenizer()
-    else:
-        tokenizer = load_tokenizer(source, option, model.config.vocab_size)
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions is not None and args.seq_len > max_positions:
-        raise JobError(f"--seq-len {args.seq_len} is beyond the model's {max_positions} positions")
-    model.config.use_cache = False
-    model.train()
+    with ranks.agree():  # files every rank reads: one may fail where the others do not
+        model, described = build_model(source, option, device, dtype, args.seed)
+        if resume is not None and resume.get("tokenizer") == "bytes":
+            tokenizer = ByteTokenizer()
+        else:
+            tokenizer = load_tokenizer(source, option, model.config.vocab_size)
+        max_positions = getattr(model.config, "max_position_embeddings", None)
+        if max_positions is not None and args.seq_len > max_positions:
+            raise JobError(f"--seq-len {args.seq_len} is beyond the model's {max_positions} positions")
+        model.config.use_cache = False
+        model.train()
+        tokens = torch.tensor(tokenizer.encode(load_text(args.data)), dtype=torch.long)
+        split = int(tokens.numel() * 0.95)
+        train_tokens, heldout_tokens = tokens[:split], tokens[split:]
+        sampler = WindowSampler(train_tokens, args.seq_len, args.batch_size, args.seed, ranks.rank, ranks.world)
+        efficient_loss = use_efficient_loss(args.efficient_loss, model, log)
 
-    tokens = torch.tensor(tokenizer.encode(load_text(args.data)), dtype=torch.long)
-    split = int(tokens.numel() * 0.95)
-    train_tokens, heldout_tokens = tokens[:split], tokens[split:]
-    sampler = WindowSampler(train_tokens, args.seq_len, args.batch_size, args.seed)
-
-    efficient_loss = use_efficient_loss(args.efficient_loss, model, log)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     settings = methods.Settings(lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
                                 optim=args.optim, strategy=args.strategy, units_per_group=args.units_per_group,
-                                offload=args.offload, seed=args.seed, efficient_loss=efficient_loss)
-    method = (methods.HiFT if method_name == "hift" else methods.Full)(model, settings)
+                                offload=args.offload, seed=args.seed, efficient_loss=efficient_loss,
+                                state_dtype=args.state_dtype, master_weights=MASTER_WEIGHTS[args.master])
+    try:
+        method = (methods.HiFT if method_name == "hift" else methods.Full)(model, settings)
+    except ValueError as exc:  # wrap's refusals name the problem
+        raise JobError(f"{method_name}: {exc}") from None
     schedule = lr_factor(args.lr_schedule, args.warmup_steps, args.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(method.optimizer, schedule)
     history = {"losses": [], "memory_GiB": [], "step_seconds": []}
     done = first = 0
     if resume is not None:
-        try:
-            method.load_state_dict(resume["method"])
-            scheduler.load_state_dict(resume["scheduler"])
-            sampler.generator.set_state(resume["sampler"])
-            history = {key: list(resume["history"][key]) for key in history}
-            first = done = int(resume["step"])
-            heldout_start = float(resume["heldout_start"])
-        except Exception as exc:  # noqa: BLE001 -- whatever a wrong state raises, one line
-            raise JobError(f"--resume {args.resume}: cannot load the training state ({_first_line(exc)})") from None
+        with ranks.agree():
+            try:
+                method.load_state_dict(resume["method"])
+                scheduler.load_state_dict(resume["scheduler"])
+                sampler.generator.set_state(resume["sampler"])
+                history = {key: list(resume["history"][key]) for key in history}
+                first = done = int(resume["step"])
+                heldout_start = float(resume["heldout_start"])
+            except Exception as exc:  # noqa: BLE001 -- whatever a wrong state raises, one line
+                raise JobError(f"--resume {args.resume}: cannot load the training state ({_first_line(exc)})") from None
         log(f"resumed from {args.resume} at step {done}")
 
+    per_rank = f" per rank; {ranks.world} ranks" if ranks.world > 1 else ""
     log(f"{method_name}: {described}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
-        f"({dtype}) on {device}; {method.groups} group(s); {train_tokens.numel()} training tokens"
+        f"({dtype}) on {device}{per_rank}; {method.groups} group(s); {train_tokens.numel()} training tokens"
         + ("; efficient loss (no full logits)" if efficient_loss else ""))
     if resume is None:
-        heldout_start = heldout_loss(model, heldout_tokens, args.seq_len, args.batch_size, device)
+        heldout_start = heldout_loss(model, heldout_tokens, args.seq_len, args.batch_size, device, ranks)
 
     def save(step: int) -> None:
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise JobError(f"the weights are not finite after step {step}: not saving over {args.save}")
-        state = {"method": method.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+        state = {"method": savable(method.state_dict()), "scheduler": scheduler.state_dict(), "step": step,  # a collective
                  "sampler": sampler.generator.get_state(), "history": history, "heldout_start": heldout_start,
                  "tokenizer": "bytes" if isinstance(tokenizer, ByteTokenizer) else "hf",
-                 "job": {name: getattr(args, name) for name, _ in RUN_OPTIONS}}
+                 "job": {name: getattr(args, name) for name, _ in RUN_OPTIONS + FORMAT_OPTIONS}}
 
         def write(directory: Path) -> None:
             model.save_pretrained(directory)
@@ -374,15 +578,20 @@ def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, log=p
                 tokenizer.save_pretrained(directory)
             torch.save(state, directory / STATE_FILE)
 
-        try:
-            checkpoint.save(Path(args.save), write, step)
-        except OSError as exc:
-            raise JobError(f"--save {args.save}: {exc}") from None
+        with ranks.agree():
+            if not ranks.main:
+                return
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise JobError(f"the weights are not finite after step {step}: not saving over {args.save}")
+            try:
+                checkpoint.save(Path(args.save), write, step)
+            except OSError as exc:
+                raise JobError(f"--save {args.save}: {exc}") from None
 
     saves = args.save and method_name == "hift"
-    bar = _progress(args.steps, done, method_name)
-    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
-    while done < args.steps and not stop.requested:
+    bar = _progress(args.steps, done, method_name, shown=ranks.main)
+    tokens_per_step = args.batch_size * ranks.world * args.seq_len * args.grad_accum
+    while done < args.steps and not ranks.any(stop.requested):  # every rank stops after the same step
         start = time.perf_counter()
         active = getattr(method.optimizer, "active_group", 0)
         lr = method.optimizer.param_groups[0]["lr"]
@@ -396,7 +605,7 @@ def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, log=p
         method.update()
         scheduler.step()
         done += 1
-        history["losses"].append(float(total))  # one sync per step, for the log
+        history["losses"].append(ranks.mean(float(total)))  # one sync per step, for the log
         history["memory_GiB"].append(_memory_gib(device))
         history["step_seconds"].append(time.perf_counter() - start)
         if not math.isfinite(history["losses"][-1]):
@@ -411,21 +620,22 @@ def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, log=p
     bar.close()
     if saves:
         save(done)
-    if stop.requested:
+    if ranks.any(stop.requested):
         kept = f"checkpoint saved in {args.save}; continue with --resume {args.save}" if saves else "nothing kept"
         log(f"interrupted at step {done}: {kept}")
         method.close()
         return None
     session = history["step_seconds"][first:]
     result = {
-        "method": method_name, "steps": done, "groups": method.groups, "efficient_loss": efficient_loss,
+        "method": method_name, "steps": done, "groups": method.groups, "ranks": ranks.world,
+        "efficient_loss": efficient_loss,
         "step_s": statistics.median(session) if session else float("nan"),
         "tokens_per_s": tokens_per_step / statistics.median(session) if session else float("nan"),
         "peak_GiB": _memory_gib(device),
         "first_loss": history["losses"][0] if history["losses"] else float("nan"),
         "final_loss": statistics.fmean(history["losses"][-LOSS_WINDOW:]) if history["losses"] else float("nan"),
         "heldout_start": heldout_start,
-        "heldout_end": heldout_loss(model, heldout_tokens, args.seq_len, args.batch_size, device),
+        "heldout_end": heldout_loss(model, heldout_tokens, args.seq_len, args.batch_size, device, ranks),
         **history,
     }
     method.close()
@@ -433,28 +643,30 @@ def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, log=p
 
 
 class _progress:
-    """tqdm when installed, else a line every tenth of the run."""
+    """tqdm when installed, else a line every tenth of the run; nothing unless `shown` (rank 0)."""
 
-    def __init__(self, total: int, initial: int, desc: str):
-        try:
-            from tqdm.auto import tqdm
+    def __init__(self, total: int, initial: int, desc: str, shown: bool = True):
+        self.bar = None
+        if shown:
+            try:
+                from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
-        except ImportError:
-            self.bar = None
-        self.total, self.done = total, initial
+                self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+            except ImportError:
+                pass
+        self.total, self.done, self.shown = total, initial, shown
 
     def update(self, n: int, **values) -> None:
         self.done += n
-        shown = {"loss": f"{values['loss']:.3f}", "lr": f"{values['lr']:.2e}", "group": values["group"],
-                 "tok/s": f"{values['tok_s']:.0f}"}
+        postfix = {"loss": f"{values['loss']:.3f}", "lr": f"{values['lr']:.2e}", "group": values["group"],
+                   "tok/s": f"{values['tok_s']:.0f}"}
         if not math.isnan(values["mem"]):
-            shown["GPU GiB"] = f"{values['mem']:.2f}"
+            postfix["GPU GiB"] = f"{values['mem']:.2f}"
         if self.bar is not None:
-            self.bar.set_postfix(shown, refresh=False)
+            self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(n)
-        elif self.done % max(1, self.total // 10) == 0 or self.done == self.total:
-            print(f"step {self.done}/{self.total} " + " ".join(f"{k} {v}" for k, v in shown.items()))
+        elif self.shown and (self.done % max(1, self.total // 10) == 0 or self.done == self.total):
+            print(f"step {self.done}/{self.total} " + " ".join(f"{k} {v}" for k, v in postfix.items()))
 
     def close(self) -> None:
         if self.bar is not None:
@@ -547,20 +759,34 @@ def add_arguments(parser) -> None:
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--weight-decay", type=float, help="default: 0, or the checkpoint's with --resume")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="sequences per micro-batch; under torchrun per rank (R ranks: R x this in all)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="0 turns clipping off")
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"),
-                        help="weights' dtype; bf16/fp16 get fp32 master weights (default auto: bf16 on CUDA, "
-                             "fp32 on CPU; the checkpoint's with --resume)")
+                        help="weights' dtype; bf16/fp16 get master weights as --master says (default auto: bf16 "
+                             "on CUDA, fp32 on CPU; the checkpoint's with --resume)")
+    parser.add_argument("--state-dtype", choices=("fp32", "bf16", "int8"),
+                        help="how the optimizer stores its moments: fp32, bf16, or int8 (blockwise 8-bit, one fp32 "
+                             "scale per 128); default fp32, or the checkpoint's with --resume, where another value "
+                             "converts the saved state")
+    parser.add_argument("--master", choices=tuple(MASTER_WEIGHTS),
+                        help="master weights of bf16/fp16 weights: fp32 (a copy), kahan (a compensation buffer in "
+                             "the weights' dtype, 2 bytes per parameter), none (plain low-precision updates: lossy); "
+                             "auto: fp32, none for fp32 weights. Default auto, or the checkpoint's with --resume, "
+                             "where another value converts the saved state")
     parser.add_argument("--offload", default="auto", choices=("auto", "on", "off"),
                         help="optimizer state of inactive groups in pinned host memory (auto: on CUDA)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda, cuda:1, ... (under torchrun: auto, cpu or cuda, each rank on "
+                             "cuda:LOCAL_RANK)")
     parser.add_argument("--efficient-loss", default="auto", choices=("auto", "on", "off"),
                         help="the loss without full logits (hift_rt.efficient_lm_loss); auto: for vocabularies of "
                              f"{EFFICIENT_LOSS_MIN_VOCAB} tokens or more")
-    parser.add_argument("--compare", choices=("full",), help="also run standard full fine-tuning (torch AdamW)")
+    parser.add_argument("--compare", choices=("full",),
+                        help="also run standard full fine-tuning (torch AdamW; under torchrun in "
+                             "DistributedDataParallel)")
     parser.add_argument("--save", help="directory for the model (save_pretrained) and optimizer/rotation state")
     parser.add_argument("--save-every", type=int, default=0,
                         help="also save every N steps (default 0: at the end and on Ctrl-C only)")
@@ -612,8 +838,9 @@ def check_output_paths(args) -> None:
             raise JobError("--plot needs matplotlib (pip install hift_rt[cli])") from None
 
 
-def check_arguments(args) -> None:
-    """Values that cannot work, refused before anything is built."""
+def check_arguments(args, ranks: Ranks) -> None:
+    """Values that cannot work, refused before anything is built (the same on every rank);
+    `args.device` becomes a torch.device."""
     for name in ("steps", "batch_size", "seq_len", "grad_accum"):
         if getattr(args, name) < 1:
             raise JobError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -629,7 +856,7 @@ def check_arguments(args) -> None:
         raise JobError("--save-every needs --save DIR")
     if not 0 <= args.seed <= MAX_SEED:
         raise JobError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
-    pick_device(args.device)
+    args.device = pick_device(args.device, ranks)
     args.offload = {"auto": "auto", "on": True, "off": False}[args.offload]
     args.max_grad_norm = args.max_grad_norm or None
     if args.dtype == "auto":
@@ -638,24 +865,57 @@ def check_arguments(args) -> None:
         raise JobError("--resume takes the model from the checkpoint; drop --model")
     if args.resume and args.compare:
         raise JobError("--compare full trains from the start; it cannot continue a --resume")
-    check_output_paths(args)
 
 
 def main(args) -> int:
-    check_arguments(args)
-    resume = read_checkpoint(args.resume) if args.resume else None
-    _settle_run_options(args, resume.get("job", {}) if resume else {})
+    ranks = Ranks()
+    check_arguments(args, ranks)
+    ranks.join(args.device)
+    try:
+        return train_and_report(args, ranks)
+    finally:
+        ranks.leave()
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of ranks other than 0."""
+
+
+def train_and_report(args, ranks: Ranks) -> int:
+    """Every rank runs this; rank 0 prints and writes the outputs."""
+    log = print if ranks.main else _silent
+    resume = None
+    # Rank 0 reads the checkpoint first: its read may finish a switch that a crash interrupted
+    # (checkpoint.recover), which the others must not race.
+    with ranks.agree():
+        if ranks.main:
+            check_output_paths(args)
+            resume = read_checkpoint(args.resume) if args.resume else None
+    with ranks.agree():
+        if args.resume and not ranks.main:
+            resume = read_checkpoint(args.resume)
+    _settle_run_options(args, resume.get("job", {}) if resume else {}, log)
     if args.compare == "full" and args.dtype == "fp16":
         raise JobError("--compare full needs --dtype fp32 or bf16 (torch's AdamW cannot unscale fp16 gradients)")
     if resume is not None and resume["step"] > args.steps:
         raise JobError(f"--resume {args.resume} is at step {resume['step']}, beyond --steps {args.steps}: "
                        f"give --steps {resume['step']} or more")
-    with StopOnCtrlC() as stop:
-        results = [run(args, "hift", resume, stop)]
-        if args.compare == "full" and not stop.requested:
-            results.append(run(args, "full", None, stop))
-    if stop.requested:
+    message = (TORCHRUN_STOP_MESSAGE if ranks.world > 1 else STOP_MESSAGE) if ranks.main else None
+    with StopOnCtrlC(message) as stop:
+        results = [run(args, "hift", resume, stop, ranks, log)]
+        if args.compare == "full" and not ranks.any(stop.requested):
+            results.append(run(args, "full", None, stop, ranks, log))
+        interrupted = ranks.any(stop.requested)
+    if interrupted:
         return 130
+    with ranks.agree():
+        if ranks.main:
+            report(args, results)
+    return 0
+
+
+def report(args, results: List[dict]) -> None:
+    """The summary table, and the plot and JSON when asked for."""
     if args.model is None and not args.resume:
         print("note: the model started from random weights (no --model given); the loss shows it learning the text")
     if len(results) > 1:
@@ -672,4 +932,3 @@ def main(args) -> int:
             _write_replacing(args.json, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
     except OSError as exc:
         raise JobError(f"cannot write the results: {exc}") from None
-    return 0

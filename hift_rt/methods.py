@@ -1,12 +1,13 @@
 """Ways of fine-tuning a model, one class each, shared by the finetune job (hift_rt/job.py) and
 the benchmark (hift_rt/bench/finetune.py):
 
-  Full           torch.optim.AdamW over every trainable parameter (fused on CUDA)
+  Full           torch.optim.AdamW over every trainable parameter (fused on CUDA); under
+                 torch.distributed (initialized, more than one rank) in DistributedDataParallel
   Lora           peft LoRA r=16 on every linear layer of a Llama-style block, trained with Full
   LayerwiseSync  the HiFT reference code's way: one group trainable per step, top-down, its AdamW
                  state moved to the device before the step and back to the CPU after it, with
-                 synchronous copies
-  HiFT           hift_rt.wrap
+                 synchronous copies (one process)
+  HiFT           hift_rt.wrap (data parallel under torch.distributed, as wrap's process_group=None)
 
 A method takes a model that the caller built (device and dtype as it wants) and owns the
 optimizer over it. One training step is
@@ -24,7 +25,7 @@ Biases and norms get no weight decay in every method (`Settings.no_decay`, name 
 Hugging Face's Trainer does. With `Settings.efficient_loss` every method's model computes its loss
 through hift_rt.efficient_lm_loss (no full logits), applied when the method is built and removed
 by `close()`. Owns: the methods. May call: hift_rt.wrap and the optimizer's public API,
-hift_rt.efficient_lm_loss, hift_rt.grouping, torch.optim, peft.
+hift_rt.efficient_lm_loss, hift_rt.grouping, torch.optim, torch.distributed (DDP), peft.
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ NamedParams = List[Tuple[str, nn.Parameter]]
 
 @dataclass(frozen=True)
 class Settings:
-    """Hyperparameters every method reads; `optim`..`seed` are hift's own."""
+    """Hyperparameters every method reads; `optim`..`master_weights` are hift's own (wrap's
+    arguments of those names)."""
     lr: float
     weight_decay: float = 0.0
     max_grad_norm: Optional[float] = None   # None: no clipping
@@ -52,6 +54,8 @@ class Settings:
     units_per_group: int = 1
     offload: Union[str, bool] = "auto"
     seed: int = 0
+    state_dtype: str = "fp32"
+    master_weights: Union[str, bool] = "auto"
     efficient_loss: bool = False            # the model's loss through hift_rt.efficient_lm_loss
 
 
@@ -67,6 +71,12 @@ def _adamw(named: NamedParams, settings: Settings) -> torch.optim.AdamW:
     device = named[0][1].device
     return torch.optim.AdamW(specs, lr=settings.lr, weight_decay=settings.weight_decay,
                              fused=device.type == "cuda")
+
+
+def _data_parallel_world() -> int:
+    """Ranks of the initialized torch.distributed default group (1 when there is none)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _state_tensors(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]):
@@ -115,7 +125,9 @@ class Method:
 
 
 class Full(Method):
-    """Every trainable parameter, every step: torch AdamW, clip_grad_norm_ when max_grad_norm."""
+    """Every trainable parameter, every step: torch AdamW, clip_grad_norm_ when max_grad_norm.
+    Under torch.distributed with more than one rank `model` becomes DistributedDataParallel(model):
+    each rank runs its micro-batch and the gradients are averaged over ranks, as hift_rt's are."""
 
     def __init__(self, model: nn.Module, settings: Settings):
         super().__init__(model, settings)
@@ -125,6 +137,8 @@ class Full(Method):
                              "(GradScaler refuses to unscale float16 gradients): use float32 or bfloat16")
         self.params = [p for _, p in self.named]
         self.optimizer = _adamw(self.named, settings)
+        if _data_parallel_world() > 1:
+            self.model = nn.parallel.DistributedDataParallel(model)
 
     def update(self) -> None:
         if self.settings.max_grad_norm:
@@ -157,6 +171,9 @@ class LayerwiseSync(Full):
     synchronously. `max_grad_norm` clips the active group."""
 
     def __init__(self, model: nn.Module, settings: Settings):
+        if _data_parallel_world() > 1:
+            raise ValueError("LayerwiseSync runs in one process (its groups' requires_grad changes every step, "
+                             "which DistributedDataParallel does not allow)")
         cut = grouping.groups_from_units(grouping.build_units(model), settings.units_per_group)
         super().__init__(model, settings)
         self.group_params = [[p for _, p in g.params] for g in cut]
@@ -216,7 +233,8 @@ class HiFT(Method):
         self.optimizer = hift_rt.wrap(model, settings.optim, lr=settings.lr, strategy=settings.strategy,
                                       units_per_group=settings.units_per_group, offload=settings.offload,
                                       max_grad_norm=settings.max_grad_norm, no_decay=settings.no_decay,
-                                      seed=settings.seed, weight_decay=settings.weight_decay)
+                                      seed=settings.seed, weight_decay=settings.weight_decay,
+                                      state_dtype=settings.state_dtype, master_weights=settings.master_weights)
         self.groups = len(self.optimizer.describe_groups())
         device = next(p.device for p in model.parameters())
         fp16 = any(p.dtype == torch.float16 for p in model.parameters())

@@ -13,7 +13,8 @@ from hift_rt.engine import EngineError
 
 
 def test_finetune_bench_runs_every_method_on_the_tiny_preset(tmp_path):
-    methods = ["full", "full-bf16", "layerwise-sync", "hift", "hift-bf16", "hift-nooffload"]
+    methods = ["full", "full-bf16", "layerwise-sync", "hift", "hift-bf16", "hift-nooffload", "hift-bf16-int8",
+               "hift-bf16-int8-kahan"]
     if importlib.util.find_spec("peft"):
         methods.append("lora")
     out = tmp_path / "ft.json"
@@ -45,20 +46,29 @@ def test_finetune_bench_runs_every_method_on_the_tiny_preset(tmp_path):
     bf16 = report["methods"]["hift-bf16"]["breakdown_bytes"]
     elements = bf16["weights"] // 2
     assert params <= elements and 12 * elements <= bf16["state_host"] <= 12 * elements + 3 * 64 * k
+    # compact state (issue 12's targets): int8 moments (a code and one fp32 absmax per 128 elements,
+    # a parameter owning whole blocks) + fp32 master <= 6.1 bytes, + kahan (bf16) <= 4.1
+    for name, low, high in (("hift-bf16-int8", 6.0625, 6.1), ("hift-bf16-int8-kahan", 4.0625, 4.1)):
+        host = report["methods"][name]["breakdown_bytes"]["state_host"]
+        assert low * elements <= host <= high * elements, (name, host / elements)
+    assert "hift-bf16-int8-kahan / hift-bf16 (fp32 state and master): step time" in done.stdout
     sync = report["methods"]["layerwise-sync"]["breakdown_bytes"]
     assert sync["state_device"] == 0 and sync["state_host"] == 8 * params  # after each step, back on the CPU
     assert "hift: step time" in done.stdout and "min..max" in done.stdout
 
 
-def test_short_pinned_memory_is_reported_with_the_bytes_the_state_needed(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("name,per_parameter", [("hift-bf16", 12), ("hift-bf16-int8-kahan", 2 * (1 + 4 / 128) + 2)])
+def test_short_pinned_memory_is_reported_with_the_bytes_the_state_needed(tmp_path, monkeypatch, capsys, name,
+                                                                          per_parameter):
     def out_of_pinned_memory(model, settings):
         raise EngineError("cudaHostAlloc: out of memory")
 
-    monkeypatch.setitem(bench.METHODS, "hift-bf16", (out_of_pinned_memory, *bench.METHODS["hift-bf16"][1:]))
+    monkeypatch.setitem(bench.METHODS, name, bench.METHODS[name]._replace(cls=out_of_pinned_memory))
     out = tmp_path / "ft.json"
-    assert main(["finetune", "--preset", "tiny", "--methods", "hift-bf16", "--cycles", "1", "--json", str(out)]) == 0
+    assert main(["finetune", "--preset", "tiny", "--methods", name, "--cycles", "1", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    entry = report["methods"]["hift-bf16"]
+    entry = report["methods"][name]
     assert entry["error"] == "cudaHostAlloc: out of memory"
-    assert entry["state_host_needed_GiB"] * 2 ** 30 == pytest.approx(12 * report["params_M"] * 1e6, rel=1e-12)
+    assert entry["state_host_needed_GiB"] * 2 ** 30 == pytest.approx(per_parameter * report["params_M"] * 1e6,
+                                                                     rel=1e-6)
     assert "its state needs" in capsys.readouterr().out

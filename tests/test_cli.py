@@ -1,6 +1,7 @@
 """`python -m hift_rt finetune`: the main job from the command line (hift_rt/job.py through
 hift_rt/cli.py), in this process. The crash tests with real signals are in test_cli_crash.py."""
 import json
+import math
 import os
 import re
 import shutil
@@ -200,6 +201,8 @@ def make_input(tmp_path, make):
     (None, ["--model", "nowhere"], "--model: no such directory: nowhere"),
     (None, ["--seq-len", "5000"], "--seq-len 5000 is beyond the model's 1024 positions"),
     (None, ["--compare", "full", "--dtype", "fp16"], "--compare full needs --dtype fp32 or bf16"),
+    (None, ["--master", "kahan"], "--master kahan needs --dtype bf16 or fp16 (fp32 weights are their own master)"),
+    (None, ["--master", "fp32", "--dtype", "fp32"], "--master fp32 needs --dtype bf16 or fp16"),
     (None, ["--steps", "0"], "--steps must be >= 1"),
     (None, ["--units-per-group", "0"], "--units-per-group must be >= 1"),
     (None, ["--save-every", "-1"], "--save-every must be >= 0"),
@@ -296,7 +299,93 @@ def test_resume_takes_the_saved_run_options(tmp_path, small):
     (result,) = json.loads(resumed.read_text())
     assert result["steps"] == 3 and result["groups"] == 2 and len(result["losses"]) == 3
     assert torch.load(first / job.STATE_FILE, weights_only=True)["job"] == {
-        "optim": "sgd", "strategy": "top_down", "units_per_group": 2, "dtype": "fp32", "lr": 0.01, "weight_decay": 0.0}
+        "optim": "sgd", "strategy": "top_down", "units_per_group": 2, "dtype": "fp32", "lr": 0.01, "weight_decay": 0.0,
+        "state_dtype": "fp32", "master": "auto"}
+
+
+def saved_state(directory):
+    """(job options, optimizer state by parameter name, weights by name) of a checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    state = torch.load(directory / job.STATE_FILE, weights_only=True)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
+    optimizer = state["method"]["optimizer"]
+    names = [name for group in optimizer["hift"]["groups"] for name in group]  # parameter index -> name
+    entries = {names[i]: entry for i, entry in optimizer["state"].items()}
+    return state["job"], optimizer["hift"], entries, dict(model.named_parameters())
+
+
+def test_state_dtype_and_master_reach_the_optimizer_and_another_format_on_resume_converts(tmp_path, small, capsys):
+    compact, converted, continued = tmp_path / "int8", tmp_path / "fp32", tmp_path / "bf16"
+    bf16 = ["--dtype", "bf16", "--strategy", "random"]
+    assert run("--steps", 3, "--save", compact, "--model", small, *bf16, "--state-dtype", "int8", "--master", "kahan") == 0
+    options, hift, int8, _ = saved_state(compact)
+    assert (options["state_dtype"], options["master"], hift["state_dtype"], hift["master_weights"]) == \
+        ("int8", "kahan", "int8", "kahan")
+    assert int8 and all(e["exp_avg"].dtype == torch.uint8 and e["compensation"].dtype == torch.bfloat16
+                        for e in int8.values())
+    # the same step, in another format: nothing trains, the converted state is saved
+    capsys.readouterr()
+    assert run("--steps", 3, "--resume", compact, "--save", converted, "--state-dtype", "fp32", "--master", "fp32") == 0
+    assert "was saved with --state-dtype int8; its optimizer state is converted to --state-dtype fp32" in \
+        capsys.readouterr().out
+    options, hift, fp32, weights = saved_state(converted)
+    assert (options["state_dtype"], options["master"], hift["state_dtype"], hift["master_weights"]) == \
+        ("fp32", "fp32", "fp32", "fp32")
+    assert fp32.keys() == int8.keys()
+    for name, entry in fp32.items():
+        assert entry["step"] == int8[name]["step"]
+        # fp32 master = bf16 weights + Kahan compensation; a dequantized block's largest magnitude
+        # is its saved absmax (the dynamic code holds +-1 exactly)
+        assert torch.equal(entry["master"], weights[name].detach().float() + int8[name]["compensation"].float())
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert entry[moment].dtype == torch.float32
+            padded = torch.zeros(int8[name][f"{moment}_absmax"].numel() * 128)
+            padded[:entry[moment].numel()] = entry[moment].reshape(-1).abs()
+            assert torch.equal(padded.view(-1, 128).amax(1), int8[name][f"{moment}_absmax"]), (name, moment)
+    # and training goes on from a converted state (a third format)
+    result = tmp_path / "continued.json"
+    assert run("--steps", 5, "--resume", converted, "--save", continued, "--state-dtype", "bf16", "--master", "none",
+               "--json", result) == 0
+    (continued_run,) = json.loads(result.read_text())
+    assert continued_run["steps"] == 5 and all(math.isfinite(x) for x in continued_run["losses"])
+    options, hift, bf16_state, _ = saved_state(continued)
+    assert (options["state_dtype"], options["master"], hift["master_weights"]) == ("bf16", "none", None)
+    assert all(e["exp_avg"].dtype == torch.bfloat16 and "master" not in e for e in bf16_state.values())
+
+
+def test_savable_copies_only_views_that_torch_save_refuses(tmp_path):
+    packed = torch.arange(64, dtype=torch.uint8)  # one storage viewed as codes and fp32 scales
+    codes, scales, alone = packed[:32], packed[32:].view(torch.float32), torch.randn(5)
+    fp32_views = torch.randn(10)
+    tree = {"a": [codes, (scales, 3)], "b": {"c": alone, "d": fp32_views[:4], "e": fp32_views[4:]}, "f": "text"}
+    with pytest.raises(RuntimeError, match="view the same data as different types"):
+        torch.save(tree, tmp_path / "refused.pt")
+    kept = job.savable(tree)
+    assert kept["b"]["c"] is alone and kept["b"]["d"] is tree["b"]["d"] and kept["f"] == "text"  # no copies
+    assert kept["a"][0] is not codes and kept["a"][1][0] is not scales and kept["a"][1][1] == 3
+    torch.save(kept, tmp_path / "saved.pt")
+    loaded = torch.load(tmp_path / "saved.pt", weights_only=True)
+    assert torch.equal(loaded["a"][0], codes) and torch.equal(loaded["a"][1][0], scales)
+    assert torch.equal(loaded["b"]["d"], fp32_views[:4])
+
+
+def test_under_torchrun_only_rank_0_prints_usage_and_errors(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    assert run("--steps", 0) == 2  # refused before the process group: no torchrun needed
+    with pytest.raises(SystemExit) as exit_info:
+        run("--strategy", "sideways")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr() == ("", "")
+    monkeypatch.setenv("RANK", "0")
+    assert run("--steps", 0) == 2
+    assert_one_line(capsys, "--steps must be >= 1, got 0")
+    monkeypatch.delenv("RANK")
+    assert run("--steps", 1) == 2
+    assert_one_line(capsys, "WORLD_SIZE is 2 but RANK and LOCAL_RANK are not both set to numbers: start the job "
+                            "with torchrun")
 
 
 @pytest.mark.parametrize("damage,message", [

@@ -94,3 +94,15 @@ def test_hift_on_float16_weights_checkpoints_its_grad_scaler():
         assert torch.equal(p, q)
     method.close()
     resumed.close()
+
+
+def test_hift_passes_the_state_format_to_wrap():
+    model, _ = tiny_llama(seed=9)
+    method = methods.HiFT(model.to(torch.bfloat16), methods.Settings(lr=0.01, offload=True, state_dtype="int8",
+                                                                     master_weights="kahan"))
+    train(method, batches("llama", 2, seed=10), 2)
+    hift = method.state_dict()["optimizer"]["hift"]
+    assert (hift["state_dtype"], hift["master_weights"]) == ("int8", "kahan")
+    elements = sum(g["buffer_numel"] for g in method.optimizer.describe_groups())
+    assert 4.0625 * elements <= method.breakdown()["state_host"] <= 4.1 * elements  # int8 m, v + bf16 compensation
+    method.close()

@@ -11,6 +11,10 @@ in its weights' dtype on the device. Methods (hift_rt.methods):
   hift            hift_rt.wrap with fp32 weights
   hift-bf16       hift_rt.wrap on bf16 weights, fp32 master weights in the offloaded state
   hift-nooffload  hift-bf16 with every group's state kept on the GPU (offload=False)
+  hift-bf16-<state>[-kahan]  hift-bf16 with compact state: moments stored as bf16 or int8
+                  (wrap's state_dtype), a Kahan compensation instead of the fp32 master with
+                  -kahan (master_weights="kahan"): hift-bf16-bf16, hift-bf16-int8,
+                  hift-bf16-int8-kahan (4.06 host bytes per parameter against hift-bf16's 12)
 
 Loss: the model's own (full logits), or with `--efficient-loss on` hift_rt.efficient_lm_loss (no
 full logits) for every method; the `8b` preset uses the efficient loss unless `--efficient-loss off`.
@@ -38,6 +42,7 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -62,23 +67,38 @@ class Preset:
     efficient_loss: bool = False  # default loss: hift_rt.efficient_lm_loss instead of the model's own
 
 
-ALL = ("full", "full-bf16", "lora", "layerwise-sync", "hift", "hift-bf16", "hift-nooffload")
+ALL = ("full", "full-bf16", "lora", "layerwise-sync", "hift", "hift-bf16", "hift-nooffload", "hift-bf16-int8-kahan")
+# The compact state against hift-bf16 (fp32 moments and master) on the large shapes: issue 12's
+# end-to-end comparison, int8 + kahan at the default state window.
+LARGE = ("full-bf16", "hift-bf16", "hift-bf16-int8-kahan")
 PRESETS = {
     "tiny": Preset(64, 172, 4, 4, 4, 512, 2, 64, ALL),
     "1b": Preset(2048, 5504, 24, 16, 16, 32000, 4, 1024, ALL),               # 1.35 B
-    "7b": Preset(4096, 11008, 32, 32, 32, 32000, 2, 1024, ("full-bf16", "hift-bf16")),   # Llama-2-7B
+    "7b": Preset(4096, 11008, 32, 32, 32, 32000, 2, 1024, LARGE),           # Llama-2-7B
     # Llama-3-8B: its 128256-entry logits and their fp32 loss outweigh what the state window saves
-    "8b": Preset(4096, 14336, 32, 32, 8, 128256, 2, 1024, ("full-bf16", "hift-bf16"), efficient_loss=True),
+    "8b": Preset(4096, 14336, 32, 32, 8, 128256, 2, 1024, LARGE, efficient_loss=True),
 }
-# name: (method class, weights' dtype, offload)
+
+
+class Variant(NamedTuple):
+    """A method as the benchmark runs it: its class, the weights' dtype and its Settings fields."""
+    cls: type
+    dtype: torch.dtype
+    settings: dict
+
+
 METHODS = {
-    "full": (methods.Full, torch.float32, "auto"),
-    "full-bf16": (methods.Full, torch.bfloat16, "auto"),
-    "lora": (methods.Lora, torch.float32, "auto"),
-    "layerwise-sync": (methods.LayerwiseSync, torch.float32, "auto"),
-    "hift": (methods.HiFT, torch.float32, True),
-    "hift-bf16": (methods.HiFT, torch.bfloat16, True),
-    "hift-nooffload": (methods.HiFT, torch.bfloat16, False),
+    "full": Variant(methods.Full, torch.float32, {}),
+    "full-bf16": Variant(methods.Full, torch.bfloat16, {}),
+    "lora": Variant(methods.Lora, torch.float32, {}),
+    "layerwise-sync": Variant(methods.LayerwiseSync, torch.float32, {}),
+    "hift": Variant(methods.HiFT, torch.float32, {"offload": True}),
+    "hift-bf16": Variant(methods.HiFT, torch.bfloat16, {"offload": True}),
+    "hift-nooffload": Variant(methods.HiFT, torch.bfloat16, {"offload": False}),
+    "hift-bf16-bf16": Variant(methods.HiFT, torch.bfloat16, {"offload": True, "state_dtype": "bf16"}),
+    "hift-bf16-int8": Variant(methods.HiFT, torch.bfloat16, {"offload": True, "state_dtype": "int8"}),
+    "hift-bf16-int8-kahan": Variant(methods.HiFT, torch.bfloat16,
+                                    {"offload": True, "state_dtype": "int8", "master_weights": "kahan"}),
 }
 LR = 1e-5
 
@@ -151,13 +171,25 @@ def host_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def state_bytes_needed(model, dtype) -> int:
-    """Host bytes of AdamW state for every parameter (all train here) as hift_rt lays it out: fp32
-    m and v, plus an fp32 master copy for bf16/fp16 weights (12 bytes per parameter then, else 8);
-    the flat buffers' padding (< 64 elements per group) is left out. Not requires_grad: a wrap
-    that failed midway may have frozen groups already."""
-    per_parameter = 8 if dtype == torch.float32 else 12
-    return per_parameter * sum(p.numel() for p in model.parameters())
+# Bytes per element of a moment in each state_dtype (int8: a code, and one fp32 absmax per 128)
+# and of each master_weights format; "auto" is an fp32 master for bf16/fp16 weights.
+MOMENT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1 + 4 / 128}
+MASTER_BYTES = {"fp32": 4, "kahan": 2}
+
+
+def state_bytes_needed(model, dtype, settings: methods.Settings) -> int:
+    """Host bytes of AdamW state for every parameter (all train here) as hift_rt lays it out: m
+    and v in `settings.state_dtype`, plus for bf16/fp16 weights the master in
+    `settings.master_weights` (fp32 state and master: 12 bytes per parameter, fp32 weights 8;
+    int8 + kahan 4.06); the flat buffers' padding (< 64 elements per group) is left out. Not
+    requires_grad: a wrap that failed midway may have frozen groups already."""
+    master = settings.master_weights
+    if master == "auto":
+        master = "fp32"
+    per_parameter = 2 * MOMENT_BYTES[settings.state_dtype]
+    if dtype != torch.float32:
+        per_parameter += MASTER_BYTES.get(master, 0)
+    return round(per_parameter * sum(p.numel() for p in model.parameters()))
 
 
 def _timed_transfers(total, warm):
@@ -173,21 +205,21 @@ def _timed_transfers(total, warm):
 
 def run_method(name, cfg, device, args, batch, autocast, efficient_loss):
     """One round of one method: build, set up, warm-up cycle, `args.cycles` timed cycles."""
-    cls, dtype, offload = METHODS[name]
+    cls, dtype, variant = METHODS[name]
     cuda = device.type == "cuda"
     _release(device)
     model = build(cfg, device, dtype, args.gradient_checkpointing)
     _release(device)  # the peaks from here on are the method's
-    settings = methods.Settings(lr=LR, strategy=args.strategy, units_per_group=args.units_per_group, offload=offload,
-                                efficient_loss=efficient_loss)
+    settings = methods.Settings(lr=LR, strategy=args.strategy, units_per_group=args.units_per_group,
+                                efficient_loss=efficient_loss, **variant)
     _sync(device)
     start = time.perf_counter()
     try:
         method = cls(model, settings)
     except EngineError as exc:  # pinned host memory (or the engine) short
         out = {"error": str(exc).splitlines()[0]}
-        if offload is True:
-            out["state_host_needed_GiB"] = state_bytes_needed(model, dtype) / GiB
+        if settings.offload is True:
+            out["state_host_needed_GiB"] = state_bytes_needed(model, dtype, settings) / GiB
         return out
     _sync(device)
     out = {"setup_s": time.perf_counter() - start}
@@ -324,26 +356,26 @@ def _print(report):
           f"{report['cycles']} timed cycle(s) x {report['rounds']} round(s)"
           + (", gradient checkpointing" if report["gradient_checkpointing"] else "")
           + (", efficient loss (no full logits)" if report["efficient_loss"] else ""))
-    print(f"{'method':<16}{'groups':>7}{'step s':>9}{'min..max':>17}{'tok/s':>10}{'setup s':>9}"
+    print(f"{'method':<22}{'groups':>7}{'step s':>9}{'min..max':>17}{'tok/s':>10}{'setup s':>9}"
           f"{'h2d GB/s':>10}{'exposed':>9}")
     for name, r in report["methods"].items():
         if "step_s" not in r:
             needed = f" (its state needs {r['state_host_needed_GiB']:.3g} GiB of pinned host memory)" \
                 if "state_host_needed_GiB" in r else ""
-            print(f"{name:<16}  {r.get('skipped') or r.get('error')}{needed}")
+            print(f"{name:<22}  {r.get('skipped') or r.get('error')}{needed}")
             continue
         spread = f"{r['step_s_min']:.4f}..{r['step_s_max']:.4f}"
         h2d = f"{r['transfers']['h2d']['gb_per_s']:.1f}" if "transfers" in r else "-"
         exposed = f"{100 * r['exposed_transfer_fraction']:.1f}%" if "exposed_transfer_fraction" in r else "-"
-        print(f"{name:<16}{r['groups']:>7}{r['step_s']:>9.4f}{spread:>17}{r['tokens_per_s']:>10.0f}"
+        print(f"{name:<22}{r['groups']:>7}{r['step_s']:>9.4f}{spread:>17}{r['tokens_per_s']:>10.0f}"
               f"{r['setup_s']:>9.2f}{h2d:>10}{exposed:>9}")
-    print(f"\n{'GiB':<16}{'peak':>7}{'rsrvd':>7}{'setup rsrvd':>12}{'weights':>9}{'grads':>7}{'st GPU':>8}"
+    print(f"\n{'GiB':<22}{'peak':>7}{'rsrvd':>7}{'setup rsrvd':>12}{'weights':>9}{'grads':>7}{'st GPU':>8}"
           f"{'st host':>8}{'activ':>7}{'pinned':>8}{'RSS':>7}")
     for name, r in report["methods"].items():
         if "step_s" not in r:
             continue
         b = {k: v / GiB for k, v in r["breakdown_bytes"].items()}
-        print(f"{name:<16}{_gib(r, 'peak_allocated_GiB'):>7}{_gib(r, 'peak_reserved_GiB'):>7}"
+        print(f"{name:<22}{_gib(r, 'peak_allocated_GiB'):>7}{_gib(r, 'peak_reserved_GiB'):>7}"
               f"{_gib(r, 'setup_peak_reserved_GiB'):>12}{b['weights']:>9.3f}{b['gradients']:>7.3f}"
               f"{b['state_device']:>8.3f}{b['state_host']:>8.3f}{_gib(r, 'activations_GiB'):>7}"
               f"{r['pinned_GiB']:>8.3f}{r['host_rss_GiB']:>7.2f}")
@@ -354,6 +386,12 @@ def _print(report):
     on, off = (report["methods"].get(m, {}).get("step_s") for m in ("hift-bf16", "hift-nooffload"))
     if on and off:
         print(f"offload on / off step time: {on / off:.3f}")
+    fp32_state = report["methods"].get("hift-bf16", {})
+    for name, r in report["methods"].items():
+        if name.startswith("hift-bf16-") and "step_s" in r and "step_s" in fp32_state:
+            host = r["breakdown_bytes"]["state_host"] / fp32_state["breakdown_bytes"]["state_host"]
+            print(f"{name} / hift-bf16 (fp32 state and master): step time {r['step_s'] / fp32_state['step_s']:.3f}, "
+                  f"host state {host:.3f}")
 
 
 def _plot(report, path):
