@@ -415,36 +415,6 @@ def read_checkpoint(path: str) -> dict:
     return state
 
 
-def _tensors(tree):
-    """The tensors in `tree` (dicts, lists and tuples of tensors and values)."""
-    if isinstance(tree, dict):
-        return [t for item in tree.values() for t in _tensors(item)]
-    if isinstance(tree, (list, tuple)):
-        return [t for item in tree for t in _tensors(item)]
-    return [tree] if torch.is_tensor(tree) else []
-
-
-def savable(tree):
-    """`tree` (dicts, lists and tuples of tensors and values) with copies of the tensors torch.save
-    refuses: views of a storage that other tensors view as another dtype. The optimizer's
-    state_dict() hands out views of its packed buffers, where int8 codes, their fp32 scales and a
-    bf16 compensation share one storage; state of a single dtype is written without a copy."""
-    dtypes = {}
-    for tensor in _tensors(tree):
-        dtypes.setdefault(tensor.untyped_storage().data_ptr(), set()).add(tensor.dtype)
-
-    def own(value):
-        if isinstance(value, dict):
-            return {key: own(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(own(item) for item in value)
-        if torch.is_tensor(value) and len(dtypes[value.untyped_storage().data_ptr()]) > 1:
-            return value.clone()
-        return value
-
-    return own(tree)
-
-
 def _settle_run_options(args, saved: dict, log) -> None:
     """Fill the run's options from the checkpoint (resume) or the defaults: refuse a value of
     RUN_OPTIONS that differs from the checkpoint's; a FORMAT_OPTIONS one converts the state."""
@@ -551,6 +521,10 @@ def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, ranks
             try:
                 method.load_state_dict(resume["method"])
                 scheduler.load_state_dict(resume["scheduler"])
+                # The schedule is this run's (--steps may differ from the saved run's, whose last
+                # lr may be its schedule's end): the lr of the step to come, from this schedule.
+                for group, base in zip(method.optimizer.param_groups, scheduler.base_lrs):
+                    group["lr"] = base * schedule(scheduler.last_epoch)
                 sampler.generator.set_state(resume["sampler"])
                 history = {key: list(resume["history"][key]) for key in history}
                 first = done = int(resume["step"])
@@ -567,7 +541,7 @@ def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, ranks
         heldout_start = heldout_loss(model, heldout_tokens, args.seq_len, args.batch_size, device, ranks)
 
     def save(step: int) -> None:
-        state = {"method": savable(method.state_dict()), "scheduler": scheduler.state_dict(), "step": step,  # a collective
+        state = {"method": method.state_dict(), "scheduler": scheduler.state_dict(), "step": step,  # a collective
                  "sampler": sampler.generator.get_state(), "history": history, "heldout_start": heldout_start,
                  "tokenizer": "bytes" if isinstance(tokenizer, ByteTokenizer) else "hf",
                  "job": {name: getattr(args, name) for name, _ in RUN_OPTIONS + FORMAT_OPTIONS}}

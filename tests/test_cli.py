@@ -354,22 +354,6 @@ def test_state_dtype_and_master_reach_the_optimizer_and_another_format_on_resume
     assert all(e["exp_avg"].dtype == torch.bfloat16 and "master" not in e for e in bf16_state.values())
 
 
-def test_savable_copies_only_views_that_torch_save_refuses(tmp_path):
-    packed = torch.arange(64, dtype=torch.uint8)  # one storage viewed as codes and fp32 scales
-    codes, scales, alone = packed[:32], packed[32:].view(torch.float32), torch.randn(5)
-    fp32_views = torch.randn(10)
-    tree = {"a": [codes, (scales, 3)], "b": {"c": alone, "d": fp32_views[:4], "e": fp32_views[4:]}, "f": "text"}
-    with pytest.raises(RuntimeError, match="view the same data as different types"):
-        torch.save(tree, tmp_path / "refused.pt")
-    kept = job.savable(tree)
-    assert kept["b"]["c"] is alone and kept["b"]["d"] is tree["b"]["d"] and kept["f"] == "text"  # no copies
-    assert kept["a"][0] is not codes and kept["a"][1][0] is not scales and kept["a"][1][1] == 3
-    torch.save(kept, tmp_path / "saved.pt")
-    loaded = torch.load(tmp_path / "saved.pt", weights_only=True)
-    assert torch.equal(loaded["a"][0], codes) and torch.equal(loaded["a"][1][0], scales)
-    assert torch.equal(loaded["b"]["d"], fp32_views[:4])
-
-
 def test_under_torchrun_only_rank_0_prints_usage_and_errors(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
