@@ -56,6 +56,7 @@ class Settings:
     seed: int = 0
     state_dtype: str = "fp32"
     master_weights: Union[str, bool] = "auto"
+    state_window: Union[str, int, None] = "auto"
     efficient_loss: bool = False            # the model's loss through hift_rt.efficient_lm_loss
 
 
@@ -234,7 +235,8 @@ class HiFT(Method):
                                       units_per_group=settings.units_per_group, offload=settings.offload,
                                       max_grad_norm=settings.max_grad_norm, no_decay=settings.no_decay,
                                       seed=settings.seed, weight_decay=settings.weight_decay,
-                                      state_dtype=settings.state_dtype, master_weights=settings.master_weights)
+                                      state_dtype=settings.state_dtype, master_weights=settings.master_weights,
+                                      state_window=settings.state_window)
         self.groups = len(self.optimizer.describe_groups())
         device = next(p.device for p in model.parameters())
         fp16 = any(p.dtype == torch.float16 for p in model.parameters())

@@ -68,9 +68,9 @@ class Preset:
 
 
 ALL = ("full", "full-bf16", "lora", "layerwise-sync", "hift", "hift-bf16", "hift-nooffload", "hift-bf16-int8-kahan")
-# The compact state against hift-bf16 (fp32 moments and master) on the large shapes: issue 12's
-# end-to-end comparison, int8 + kahan at the default state window.
-LARGE = ("full-bf16", "hift-bf16", "hift-bf16-int8-kahan")
+# On the large shapes: hift-bf16 (fp32 moments and master, the default state window) against the
+# whole-group slot (issue 11) and against int8 + kahan at the same window (issue 12).
+LARGE = ("full-bf16", "hift-bf16", "hift-bf16-slot", "hift-bf16-int8-kahan")
 PRESETS = {
     "tiny": Preset(64, 172, 4, 4, 4, 512, 2, 64, ALL),
     "1b": Preset(2048, 5504, 24, 16, 16, 32000, 4, 1024, ALL),               # 1.35 B
@@ -94,6 +94,9 @@ METHODS = {
     "layerwise-sync": Variant(methods.LayerwiseSync, torch.float32, {}),
     "hift": Variant(methods.HiFT, torch.float32, {"offload": True}),
     "hift-bf16": Variant(methods.HiFT, torch.bfloat16, {"offload": True}),
+    # the whole group's state on the device in one slot, whatever the window says (issue 11's
+    # comparison: the default window's step time against it)
+    "hift-bf16-slot": Variant(methods.HiFT, torch.bfloat16, {"offload": True, "state_window": None}),
     "hift-nooffload": Variant(methods.HiFT, torch.bfloat16, {"offload": False}),
     "hift-bf16-bf16": Variant(methods.HiFT, torch.bfloat16, {"offload": True, "state_dtype": "bf16"}),
     "hift-bf16-int8": Variant(methods.HiFT, torch.bfloat16, {"offload": True, "state_dtype": "int8"}),
@@ -228,12 +231,21 @@ def run_method(name, cfg, device, args, batch, autocast, efficient_loss):
         out["setup_peak_reserved_GiB"] = torch.cuda.max_memory_reserved(device) / GiB
         torch.cuda.reset_peak_memory_stats(device)
 
-    def train_step(i):
+    host_ms = {"forward_backward": [], "update": []}
+
+    def train_step(i, timed=False):
+        """One step; `timed`: the host's time in the forward + backward calls and in the update
+        (no synchronize: where the host blocks, e.g. on a transfer, these grow)."""
+        start = time.perf_counter()
         method.before_forward(i)
         with autocast():
             loss = method.model(input_ids=batch, labels=batch).loss
         method.backward(loss)
+        issued = time.perf_counter()
         method.update()
+        if timed:
+            host_ms["forward_backward"].append((issued - start) * 1e3)
+            host_ms["update"].append((time.perf_counter() - issued) * 1e3)
 
     k = method.groups
     for i in range(k):
@@ -246,7 +258,7 @@ def run_method(name, cfg, device, args, batch, autocast, efficient_loss):
         for i in range((c + 1) * k, (c + 2) * k):
             if cuda:  # host-side allocator counters: no synchronize
                 torch.cuda.reset_peak_memory_stats(device)
-            train_step(i)
+            train_step(i, timed=True)
             if cuda:
                 step_peaks.append(torch.cuda.max_memory_allocated(device))
                 reserved = max(reserved, torch.cuda.max_memory_reserved(device))
@@ -257,6 +269,8 @@ def run_method(name, cfg, device, args, batch, autocast, efficient_loss):
     out.update({"groups": k, "step_s": step_s, "tokens_per_s": batch.numel() / step_s,
                 "peak_per_step_bytes": step_peaks[:k], "breakdown_bytes": breakdown,
                 "host_rss_GiB": host_rss_bytes() / GiB,
+                "host_forward_backward_ms": statistics.median(host_ms["forward_backward"]),
+                "host_update_ms": statistics.median(host_ms["update"]),
                 "pinned_GiB": (breakdown["state_host"] if isinstance(method, methods.HiFT) else 0) / GiB})
     if cuda:
         peak = max(step_peaks)
@@ -357,7 +371,7 @@ def _print(report):
           + (", gradient checkpointing" if report["gradient_checkpointing"] else "")
           + (", efficient loss (no full logits)" if report["efficient_loss"] else ""))
     print(f"{'method':<22}{'groups':>7}{'step s':>9}{'min..max':>17}{'tok/s':>10}{'setup s':>9}"
-          f"{'h2d GB/s':>10}{'exposed':>9}")
+          f"{'h2d GB/s':>10}{'exposed':>9}{'host fw+bw ms':>15}{'host step ms':>14}")
     for name, r in report["methods"].items():
         if "step_s" not in r:
             needed = f" (its state needs {r['state_host_needed_GiB']:.3g} GiB of pinned host memory)" \
@@ -368,7 +382,8 @@ def _print(report):
         h2d = f"{r['transfers']['h2d']['gb_per_s']:.1f}" if "transfers" in r else "-"
         exposed = f"{100 * r['exposed_transfer_fraction']:.1f}%" if "exposed_transfer_fraction" in r else "-"
         print(f"{name:<22}{r['groups']:>7}{r['step_s']:>9.4f}{spread:>17}{r['tokens_per_s']:>10.0f}"
-              f"{r['setup_s']:>9.2f}{h2d:>10}{exposed:>9}")
+              f"{r['setup_s']:>9.2f}{h2d:>10}{exposed:>9}{r['host_forward_backward_ms']:>15.2f}"
+              f"{r['host_update_ms']:>14.2f}")
     print(f"\n{'GiB':<22}{'peak':>7}{'rsrvd':>7}{'setup rsrvd':>12}{'weights':>9}{'grads':>7}{'st GPU':>8}"
           f"{'st host':>8}{'activ':>7}{'pinned':>8}{'RSS':>7}")
     for name, r in report["methods"].items():
@@ -387,8 +402,11 @@ def _print(report):
     if on and off:
         print(f"offload on / off step time: {on / off:.3f}")
     fp32_state = report["methods"].get("hift-bf16", {})
+    slot = report["methods"].get("hift-bf16-slot", {})
+    if "step_s" in slot and "step_s" in fp32_state:
+        print(f"state window / whole slot step time: {fp32_state['step_s'] / slot['step_s']:.3f}")
     for name, r in report["methods"].items():
-        if name.startswith("hift-bf16-") and "step_s" in r and "step_s" in fp32_state:
+        if name.startswith("hift-bf16-") and name != "hift-bf16-slot" and "step_s" in r and "step_s" in fp32_state:
             host = r["breakdown_bytes"]["state_host"] / fp32_state["breakdown_bytes"]["state_host"]
             print(f"{name} / hift-bf16 (fp32 state and master): step time {r['step_s'] / fp32_state['step_s']:.3f}, "
                   f"host state {host:.3f}")
