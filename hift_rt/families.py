@@ -30,7 +30,7 @@ from .kernels import (
     sgd_update,
 )
 
-_IMPLEMENTATION_SWITCHES = {"foreach": None, "fused": None, "capturable": False, "differentiable": False}
+IMPLEMENTATION_SWITCHES = {"foreach": None, "fused": None, "capturable": False, "differentiable": False}
 
 State = Dict[str, torch.Tensor]
 
@@ -90,20 +90,23 @@ class Family:
 
     def options(self, given: dict) -> dict:
         """torch's defaults overridden by `given`, after rejecting what we cannot honour."""
-        allowed = {**_IMPLEMENTATION_SWITCHES, **self.unsupported}
+        allowed = {**IMPLEMENTATION_SWITCHES, **self.unsupported}
         unknown = sorted(set(given) - set(self.defaults) - set(allowed))
         if unknown:
             raise ValueError(f"optim={self.name!r} has no option(s) {unknown}; "
                              f"supported: {sorted(self.defaults)}")
-        for key, only in allowed.items():
-            if key in given and given[key] != only and not (only is None and given[key] is False):
-                raise ValueError(f"optim={self.name!r}: {key}={given[key]!r} is not supported by hift_rt "
-                                 f"(it runs its own fused kernels); leave {key} at {only!r}")
+        _refuse_other_values(self.name, given, allowed)
         options = {**self.defaults, **{k: v for k, v in given.items() if k in self.defaults}}
         if "betas" in options:
             options["betas"] = tuple(float(b) for b in options["betas"])
         check_options(self.name, options)
         return options
+
+    def check_loaded_options(self, saved: dict) -> None:
+        """A saved param_group (ours or torch's) must not carry a math option we do not run
+        (e.g. torch's amsgrad=True); implementation switches (foreach, fused) do not change the
+        math and are not checked."""
+        _refuse_other_values(self.name, saved, self.unsupported)
 
     def initial_state(self, n: int, device, options: dict) -> State:
         """The state before the first update, (n,) fp32 each: zeros, Adagrad's sum at its
@@ -209,6 +212,14 @@ def _fields_of(state: State) -> List[Field]:
 def _check_blocks(name, param):
     if param.numel() % Q != 0:
         raise ValueError(f"{name}: the int8 format needs a multiple of {Q} elements, got {param.numel()}")
+
+
+def _refuse_other_values(name: str, given: dict, allowed: Dict[str, object]) -> None:
+    """ValueError for an option in `allowed` set to anything but its one accepted value."""
+    for key, only in allowed.items():
+        if key in given and given[key] != only and not (only is None and given[key] is False):
+            raise ValueError(f"optim={name!r}: {key}={given[key]!r} is not supported by hift_rt "
+                             f"(it runs its own fused kernels); leave {key} at {only!r}")
 
 
 def check_options(name: str, options: dict) -> None:

@@ -31,7 +31,7 @@ from torch import nn
 
 from . import distributed, grouping
 from .config import HiFTConfig
-from .families import check_options
+from .families import IMPLEMENTATION_SWITCHES, check_options
 from .engine import TransferEngine
 from .flat import FlatGroup, rehome
 from .gradients import GradientBuffer
@@ -415,11 +415,13 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if len(saved_groups) != 1 or len(saved_groups[0].get("params", ())) != len(self._index):
             raise ValueError(f"state dict has {sum(len(pg.get('params', ())) for pg in saved_groups)} parameters "
                              f"in {len(saved_groups)} group(s); this optimizer has {len(self._index)} in 1")
-        param_group = {key: value for key, value in saved_groups[0].items() if key != "params"}
+        param_group = {key: value for key, value in saved_groups[0].items()
+                       if key != "params" and key not in IMPLEMENTATION_SWITCHES}
         lr = param_group.get("lr", self.param_groups[0]["lr"])
         if not (torch.is_tensor(lr) or isinstance(lr, (int, float))) or not 0 <= float(lr) < math.inf:
             raise ValueError(f"state dict has lr {lr!r}; expected a finite number >= 0")
         if self.config.family is not None:
+            self.config.family.check_loaded_options(param_group)
             check_options(self.config.family.name, {**self._options(), **param_group})
         entries = [[state_dict["state"].get(self._index[id(p)]) for _, p in group.params] for group in self.groups]
         for group, group_entries in zip(self.groups, entries):

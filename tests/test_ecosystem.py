@@ -95,6 +95,20 @@ def test_state_dict_loads_into_stock_adamw_and_back():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
 
 
+def test_a_stock_state_dict_with_an_option_we_do_not_run_is_refused():
+    """torch's amsgrad=True changes the math, so its state dict must not load as if it did not;
+    foreach=True changes only torch's implementation and loads."""
+    model, _ = mlp()
+    opt = hift_rt.wrap(model, "adamw", lr=1e-2, units_per_group=10)
+    amsgrad = torch.optim.AdamW(mlp()[0].parameters(), lr=1e-2, amsgrad=True)
+    with pytest.raises(ValueError, match="amsgrad=True is not supported"):
+        opt.load_state_dict(amsgrad.state_dict())
+    assert opt.param_groups[0].get("amsgrad") is None
+    foreach = torch.optim.AdamW(mlp()[0].parameters(), lr=3e-3, foreach=True)
+    opt.load_state_dict(foreach.state_dict())
+    assert opt.param_groups[0]["lr"] == 3e-3 and opt.param_groups[0].get("foreach") is None
+
+
 def test_load_state_dict_rejects_another_layout():
     a, _ = tiny_llama()
     b, _ = tiny_llama()

@@ -71,6 +71,23 @@ def test_weight_decay_follows_trainers_names_and_hift_args_are_checked(tmp_path)
         hift_optimizer(model, training_args(tmp_path), lr=1.0)
 
 
+def test_a_torch_optimizer_class_takes_trainers_weight_decay_or_none(tmp_path):
+    """With zero gradients, AdamW changes a weight only through decay: weight_decay=0.0 from
+    TrainingArguments must reach the class (its own default is 0.01). Rprop has no decay option."""
+    model, _ = tiny_llama()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = hift_optimizer(model, training_args(tmp_path, weight_decay=0.0), optim=torch.optim.AdamW)
+    for _ in range(len(opt.groups)):
+        sum(p.sum() for p in model.parameters() if p.requires_grad).mul(0.0).backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    opt.close()
+    opt = hift_optimizer(model, training_args(tmp_path), optim=torch.optim.Rprop)
+    assert "weight_decay" not in opt.param_groups[0]
+    opt.close()
+
+
 def test_warmup_from_zero_wastes_no_cycle_and_the_logged_lr_is_the_applied_one(tmp_path):
     """Trainer's linear warmup starts at lr 0. Every group updated after the first step must move
     (the default lr policy must not hold the first step's 0 for the whole first cycle), and the

@@ -13,7 +13,9 @@ one with gradients, on the device inside step(); the logged grad_norm is its nor
 save_steps (the optimizer's state_dict carries every group's state and the rotation) and
 resume_from_checkpoint (the rotation continues where it stopped) behave as with Trainer's own
 optimizer. `hift_args` takes hift_rt.wrap's own arguments: optim, strategy, units_per_group,
-groups, offload, lr_policy, master_weights, seed, and further optimizer hyperparameters.
+groups, offload, state_window, state_dtype, lr_policy, master_weights, process_group, seed, and
+further optimizer hyperparameters. With a torch.optim class as `optim`, weight_decay is passed
+where the class has that option.
 
 For `Trainer(optimizers=(optimizer, None))` build the optimizer with `hift_optimizer(model, args)`.
 
@@ -28,6 +30,7 @@ rank loads it on resume, with any number of ranks.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Iterable, Optional
 
 from transformers import Trainer, TrainingArguments
@@ -56,13 +59,17 @@ def hift_optimizer(model, args: TrainingArguments, decay_names: Optional[Iterabl
     hyper = {}
     if optim in ("adamw", "adam"):
         hyper = {"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
-    if isinstance(optim, str):
+    # A torch.optim class gets args.weight_decay when it has the option (else its own default
+    # would apply unasked) and no decay rule when it has none (Rprop, LBFGS-like classes).
+    takes_decay = isinstance(optim, str) or "weight_decay" in inspect.signature(optim).parameters
+    if takes_decay:
         hyper["weight_decay"] = args.weight_decay
     hyper.update(hift_args)
     # hift_rt clips inside step(), over the gradient of every rank (HiFTTrainer turns Trainer's
     # own clipping off: before step() the gradients are still each rank's own).
     max_grad_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
-    config = HiFTConfig.from_arguments(optim, lr=args.learning_rate, no_decay=lambda name: name not in decay,
+    config = HiFTConfig.from_arguments(optim, lr=args.learning_rate,
+                                       no_decay=(lambda name: name not in decay) if takes_decay else None,
                                        max_grad_norm=max_grad_norm, **hyper)
     return HiFTOptimizer(model, config)
 
