@@ -56,10 +56,19 @@ class Communicator:
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         backend = dist.get_backend(group)
-        # Host-side metadata travels over gloo: CPU tensors, no device synchronization.
-        self.host_group = group if backend == "gloo" else dist.new_group(dist.get_process_group_ranks(group),
-                                                                         backend="gloo")
+        # Host-side metadata travels over gloo: CPU tensors, no device synchronization. Only the
+        # group's members call wrap, so the new group is built by them alone (without
+        # use_local_synchronization every rank of the world would have to enter new_group).
+        self._own_host_group = backend != "gloo"
+        self.host_group = dist.new_group(dist.get_process_group_ranks(group), backend="gloo",
+                                         use_local_synchronization=True) if self._own_host_group else group
         self._bytes: Counter = Counter()
+
+    def close(self) -> None:
+        """Destroy the gloo group this communicator built (the caller's group stays)."""
+        if self._own_host_group:
+            dist.destroy_process_group(self.host_group)
+            self._own_host_group = False
 
     def shard(self, n: int):
         """[lo, hi): this rank's contiguous share of n elements (n a multiple of the world size)."""

@@ -475,6 +475,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self._updater.close()
             if self.engine is not None:
                 self.engine.close()
+            if self._comm is not None:
+                self._comm.close()
 
     def __deepcopy__(self, memo):
         raise TypeError("a HiFTOptimizer cannot be copied (it owns pinned memory, hooks and the model's "

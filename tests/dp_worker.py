@@ -171,6 +171,27 @@ def nccl_one_rank(rank, world):
     return {"max_abs": float((results[0][0] - results[1][0]).abs().max()), "comm": results[0][1]}
 
 
+def subgroup(rank, world):
+    """Ranks 0 and 1 of 3 train on a subgroup whose backend reads as NCCL, so the communicator
+    builds its own gloo group for host-side flags; rank 2 never calls wrap and must not be needed
+    (it ends at once). close() destroys that gloo group."""
+    if rank == 2:
+        return {}
+    group = dist.new_group([0, 1], use_local_synchronization=True)
+    dist.get_backend = lambda group=None: "nccl"  # the gloo subgroup stands in for an NCCL one
+    model, _ = tiny_llama()
+    opt = hift_rt.wrap(model, "adamw", lr=1e-2, seed=3, eps=1e-3, process_group=group)
+    host_group = opt._comm.host_group
+    assert host_group is not group
+    train(model, opt, global_batches(steps=3, accumulate=1, world=2), part=rank, world=2)
+    opt.close()
+    try:
+        dist.get_rank(host_group)
+    except (ValueError, RuntimeError):  # torch: "Invalid process group specified" once destroyed
+        return {"weights": weights(model).tolist(), "host_group_destroyed": True}
+    return {"weights": weights(model).tolist(), "host_group_destroyed": False}
+
+
 def mismatch(rank, world):
     """Rank 1 wraps with another seed: wrap must refuse on every rank, naming it."""
     model, _ = tiny_llama()
@@ -184,7 +205,7 @@ def mismatch(rank, world):
 def main():
     scenario, rank, world, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     torch.set_num_threads(1)
-    timeout = timedelta(seconds=10 if scenario == "dies" else 300)
+    timeout = timedelta(seconds=10 if scenario in ("dies", "subgroup") else 300)
     backend = "nccl" if scenario == "nccl_one_rank" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timeout)
@@ -195,10 +216,11 @@ def main():
     elif scenario.startswith("resume:"):
         report = resume(rank, world, scenario.split(":", 1)[1])
     else:
-        report = {"dies": dies, "mismatch": mismatch, "nccl_one_rank": nccl_one_rank}[scenario](rank, world)
+        report = {"dies": dies, "mismatch": mismatch, "nccl_one_rank": nccl_one_rank,
+                  "subgroup": subgroup}[scenario](rank, world)
     with open(f"{out}.rank{rank}", "w") as f:
         json.dump(report, f)
-    if scenario != "dies":
+    if scenario not in ("dies", "subgroup"):
         dist.destroy_process_group()
 
 

@@ -116,6 +116,14 @@ def test_ranks_that_wrap_differently_are_refused_naming_the_difference(tmp_path)
         assert "rank 1 differs from rank 0 in settings.seed (0 vs 1)" in report["message"]
 
 
+def test_a_subgroup_trains_without_the_ranks_outside_it(tmp_path):
+    """A non-gloo group gets a gloo twin for host-side flags, built by its members alone (a rank
+    outside the group never calls wrap) and destroyed by close()."""
+    reports = launch("subgroup", 3, tmp_path, timeout=120)
+    assert reports[0]["weights"] == reports[1]["weights"]
+    assert reports[0]["host_group_destroyed"] and reports[1]["host_group_destroyed"]
+
+
 @pytest.mark.cuda
 def test_the_nccl_path_with_one_rank_equals_no_process_group(tmp_path):
     """On one GPU the NCCL collectives run with R = 1 (an explicit process group): the same numbers
