@@ -271,7 +271,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
         and `found_inf` on the optimizer: the scale is undone inside the kernel and a step with
         inf/NaN gradients changes nothing (no update, no rotation). Reading found_inf costs one
         host sync, as GradScaler itself spends for any optimizer: whether the group rotates is a
-        host-side decision. Without a scaler step() never synchronizes the host in steady state.
+        host-side decision. Without a scaler step() never synchronizes the host in steady state;
+        through a state window smaller than the group it returns once the group's last chunks
+        are arriving (each arrival can be queued only after the update that frees its buffer).
         A Ctrl-C during step() takes effect when it returns: a step happens entirely or not at all.
         """
         if self._closed:

@@ -226,6 +226,9 @@ class StateStore:
         E, n = self.chunk_elements, self._elements[g]
         for c in range((n + E - 1) // E):
             start, end = c * E, min(n, (c + 1) * E)
+            # For c >= R this blocks the host until the arrival is fully queued (a stream can
+            # wait only for recorded events), which follows the update of chunk c - R: through a
+            # window the host keeps about one chunk of lead over the GPU.
             self._wait(self._arrivals.pop(c))
             yield start, end, self._chunk_views(g, c % self.ring, start, end)
             # The update of chunk c is queued: send it home, and bring chunk c + R into its buffer
