@@ -40,10 +40,12 @@ class GradientBuffer:
         self._hooks = [p.register_post_accumulate_grad_hook(hook) for p in params]
 
     def detach(self) -> None:
-        """Remove the hooks."""
+        """Remove the hooks and forget the views (the parameters are handed back)."""
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        self._views = {}
+        self._touched = set()
 
     @property
     def nbytes(self) -> int:

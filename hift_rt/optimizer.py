@@ -240,7 +240,13 @@ class HiFTOptimizer(torch.optim.Optimizer):
         """Zero the active group's gradient. Its `.grad` stay views of the flat gradient buffer
         (so autograd keeps accumulating in place) whatever `set_to_none` says, and a parameter
         that gets no gradient before the next step() is skipped by it as if its .grad were None;
-        the other groups' parameters have no gradient."""
+        the other groups' parameters have no gradient. After close() it sets every parameter's
+        .grad to None, as torch's zero_grad does (the model is plain again)."""
+        if self._closed:
+            for group in self.groups:
+                for _, p in group.params:
+                    p.grad = None
+            return
         with self._atomic("zero_grad"):
             self._gradients.zero(self.groups[self._rotation.active])
 

@@ -446,6 +446,10 @@ def test_wrapping_again_needs_close_and_close_hands_the_model_back():
         hift_rt.wrap(model, "adamw", lr=1e-3)
     opt.close()
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    model(torch.randn(3, model[0].in_features)).sum().backward()  # a plain model: gradients of its own
+    assert all(p.grad is not None and p.grad._base is None for p in model.parameters())
+    opt.zero_grad()  # as torch's: every .grad None, none a view of the closed optimizer's buffer
+    assert all(p.grad is None for p in model.parameters())
     again = hift_rt.wrap(model, "sgd", lr=1e-3)
     assert len(again.groups) == 4
     del again  # dropped without close: collected, and the model is free again
