@@ -27,7 +27,7 @@ def _finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _name_matcher(no_decay) -> Optional[Callable[[str], bool]]:
+def name_matcher(no_decay) -> Optional[Callable[[str], bool]]:
     """`no_decay` as a function name -> bool: None, a function, or name substrings."""
     if no_decay is None or callable(no_decay):
         return no_decay
@@ -106,7 +106,7 @@ class HiFTConfig:
                 not isinstance(self.process_group, torch.distributed.ProcessGroup):
             raise ValueError(f"process_group must be None (the default group when torch.distributed is "
                              f"initialized), False (none) or a ProcessGroup, got {self.process_group!r}")
-        self.no_decay = _name_matcher(self.no_decay)
+        self.no_decay = name_matcher(self.no_decay)
         self._resolve_optim()
 
     def _resolve_optim(self) -> None:

@@ -83,7 +83,7 @@ class HostBuffer:
         """A 1-D CPU tensor of `dtype` over bytes [offset, offset + numel * itemsize)."""
         if self._freed:
             raise ValueError("host buffer was freed")
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if offset % itemsize:
             raise ValueError(f"offset {offset} is not a multiple of {dtype}'s size {itemsize}")
         if numel is None:

@@ -94,8 +94,8 @@ class GradientBuffer:
         each of its parameters whether it has a gradient since the last zeroing."""
         grad = self.buffer[:group.numel]
         has_grad = []
-        for name, p, off, n in group.slices():
-            view = grad[off:off + n].view(p.shape)
+        for name, p in group.params:
+            view = self._views[id(p)]
             if p.grad is not None and p.grad.is_sparse:
                 raise RuntimeError(f"parameter '{name}' has a sparse gradient; hift_rt needs dense "
                                    "gradients (e.g. nn.Embedding(sparse=False))")

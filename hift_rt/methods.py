@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from . import grouping
+from .config import name_matcher
 from .loss import efficient_lm_loss
 
 NamedParams = List[Tuple[str, nn.Parameter]]
@@ -66,8 +67,9 @@ def _bytes(tensors) -> int:
 
 def _adamw(named: NamedParams, settings: Settings) -> torch.optim.AdamW:
     """torch's AdamW with the decayed parameters in param group 0 and the others in group 1."""
-    decay = [p for n, p in named if not any(s in n for s in settings.no_decay)]
-    rest = [p for n, p in named if any(s in n for s in settings.no_decay)]
+    exempt = name_matcher(settings.no_decay)  # the rule hift_rt.wrap applies
+    decay = [p for n, p in named if not exempt(n)]
+    rest = [p for n, p in named if exempt(n)]
     specs = [{"params": decay}] + ([{"params": rest, "weight_decay": 0.0}] if rest else [])
     device = named[0][1].device
     return torch.optim.AdamW(specs, lr=settings.lr, weight_decay=settings.weight_decay,
@@ -175,7 +177,7 @@ class LayerwiseSync(Full):
         if _data_parallel_world() > 1:
             raise ValueError("LayerwiseSync runs in one process (its groups' requires_grad changes every step, "
                              "which DistributedDataParallel does not allow)")
-        cut = grouping.groups_from_units(grouping.build_units(model), settings.units_per_group)
+        cut = grouping.cut(model, settings.units_per_group)  # the runtime's cut, with its warnings
         super().__init__(model, settings)
         self.group_params = [[p for _, p in g.params] for g in cut]
         self.groups = len(cut)
@@ -237,7 +239,7 @@ class HiFT(Method):
                                       seed=settings.seed, weight_decay=settings.weight_decay,
                                       state_dtype=settings.state_dtype, master_weights=settings.master_weights,
                                       state_window=settings.state_window)
-        self.groups = len(self.optimizer.describe_groups())
+        self.groups = len(self.optimizer.groups)
         device = next(p.device for p in model.parameters())
         fp16 = any(p.dtype == torch.float16 for p in model.parameters())
         self.scaler = torch.amp.GradScaler(device.type) if fp16 else None

@@ -38,7 +38,7 @@ from .gradients import GradientBuffer
 from .kernels import grad_norm
 from .rotation import Rotation
 from .state_store import StateStore
-from .updaters import FusedUpdater, TorchClassUpdater, Updater
+from .updaters import FusedUpdater, TorchClassUpdater, Updater, updates_of
 
 STATE_DICT_VERSION = 2
 
@@ -436,7 +436,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self._updater.check_group_state(group, group_entries)
         hift = state_dict.get("hift")
         if hift is None:  # a plain torch state dict: steps from the entries, a fresh rotation
-            steps = [max(_updates(e) for e in group_entries) for group_entries in entries]
+            steps = [max(updates_of(e) for e in group_entries) for group_entries in entries]
             return {"entries": entries, "param_group": param_group, "steps": steps,
                     "rotation": Rotation(k, self.config.strategy, self.config.seed), "cycle_lr": (None, None)}
         if hift.get("version") != STATE_DICT_VERSION:
@@ -518,14 +518,6 @@ def _thaw_copy(model: nn.Module) -> None:
         owner = getattr(p, "_hift_rt_owner", None)
         if name in managed and (owner is None or owner() is None or owner()._closed):
             p.requires_grad_(True)
-
-
-def _updates(entry) -> int:
-    """Updates a parameter had, from its torch state entry (SGD keeps no step: a momentum buffer
-    means at least one)."""
-    if not entry:
-        return 0
-    return int(float(entry["step"])) if "step" in entry else 1
 
 
 def wrap(model: nn.Module, optim: Union[str, type] = "adamw", **arguments) -> HiFTOptimizer:

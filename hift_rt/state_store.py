@@ -89,6 +89,9 @@ class StateStore:
         self._elements = [0] * k  # each group's flat elements (the range stream() walks)
         self._on_device: List[Dict[str, torch.Tensor]] = [{} for _ in range(k)]  # offload=False: the fields
         self._hosts: List[Optional[HostBuffer]] = [None] * k  # host buffers (offload=True)
+        # host_views(g), built once per buffer: a window transfers each chunk through them, and
+        # a view costs a binding call and a torch.frombuffer per field.
+        self._host_views: Dict[int, Dict[str, torch.Tensor]] = {}
         self._slot = torch.zeros(0, dtype=torch.uint8, device=device)  # whole-group slot, or the ring
         self._resident: Optional[int] = None  # slot: the group whose blob is in it; window: the next group
         self._pending: Dict[int, List[int]] = {}  # slot: group -> tickets its slot contents wait on
@@ -150,6 +153,7 @@ class StateStore:
             return
         if self._hosts[g] is not None:
             self._hosts[g].free()  # waits for the transfers that still touch it
+        self._host_views.pop(g, None)
         self._hosts[g] = self.engine.alloc_host(max(nbytes, 1))
         if self._resident == g and not self.windowed:
             # The slot's old contents may still be arriving, and the tail of the previous group's
@@ -202,8 +206,11 @@ class StateStore:
         """g's fields in its host buffer (offloaded), as they are: possibly under a transfer. Each
         is a tensor of its own storage (torch.save refuses views of one storage as several dtypes,
         and saves a view's whole storage)."""
-        offsets, _ = _offsets(self._fields[g])
-        return {f.name: self._hosts[g].view(f.dtype, off, f.numel) for f, off in zip(self._fields[g], offsets)}
+        if g not in self._host_views:
+            offsets, _ = _offsets(self._fields[g])
+            self._host_views[g] = {f.name: self._hosts[g].view(f.dtype, off, f.numel)
+                                   for f, off in zip(self._fields[g], offsets)}
+        return dict(self._host_views[g])
 
     def _host(self, g: int) -> torch.Tensor:
         """g's blob in its host buffer, (nbytes,) uint8."""
@@ -361,3 +368,4 @@ class StateStore:
             if h is not None:
                 h.free()
         self._hosts = [None] * len(self._hosts)
+        self._host_views = {}

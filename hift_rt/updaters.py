@@ -7,7 +7,8 @@ bf16/fp16 models).
 
 Both keep every group's state in a StateStore, so prefetch, eviction, exposed-wait timing and
 checkpoints work the same on both paths. Owns the updaters; may call hift_rt.state_store,
-hift_rt.families (through the Family it is given) and hift_rt.flat (FlatGroup) only.
+hift_rt.families (through the Family it is given), hift_rt.flat (FlatGroup) and hift_rt.kernels'
+int8 code (to read a saved int8 moment) only.
 """
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ ParamState = Optional[Dict[str, object]]  # torch's per-parameter state entry, N
 # State torch's optimizers keep that is >= 0 by construction (running sums and averages of squares
 # or magnitudes): a negative value in a checkpoint means the checkpoint is corrupt.
 NONNEGATIVE_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg", "acc_delta", "exp_inf"})
+
+
+def updates_of(entry: Optional[dict]) -> int:
+    """Updates a parameter had, from its torch state entry (None or empty: none; SGD keeps no
+    step: a momentum buffer means at least one)."""
+    if not entry:
+        return 0
+    return int(float(entry["step"])) if "step" in entry else 1
 
 
 class Updater(ABC):
@@ -251,8 +260,7 @@ class FusedUpdater(Updater):
                 converted = self.family.to_format(fp32, own, weights)
                 for name, value in converted.items():
                     target[name].copy_(value)
-            # SGD keeps no step: a momentum buffer means at least one update.
-            steps.append(int(float(entry["step"])) if "step" in entry else 1)
+            steps.append(updates_of(entry))
         self.param_steps[group.index] = steps
         self.store.write(group.index, slice_state(values, self.fields, *self.shards[group.index]))
 
@@ -432,7 +440,7 @@ class TorchClassUpdater(Updater):
         g = group.index
         ranges = self.ranges[g]
         states: List[Dict[str, object]] = [{} for _ in ranges]
-        masters = [group.flat[lo:hi].float() for lo, hi in ranges]
+        masters = [group.flat[lo:hi].float() for lo, hi in ranges] if self.master_weights else None
         for (_, q, off, n), entry in zip(group.slices(), entries):
             if entry is None:
                 continue
@@ -440,15 +448,16 @@ class TorchClassUpdater(Updater):
             lo, hi = ranges[i]
             for key, value in entry.items():
                 if key == "master":
-                    masters[i][off - lo:off - lo + n].copy_(torch.as_tensor(value).reshape(-1))
+                    if masters is not None:  # a saved master of a model that now runs without one
+                        masters[i][off - lo:off - lo + n].copy_(torch.as_tensor(value).reshape(-1))
                 elif torch.is_tensor(value) and value.dim() > 0 and value.shape == q.shape:
                     full = states[i].setdefault(key, torch.zeros(hi - lo, dtype=value.dtype, device=group.flat.device))
                     full[off - lo:off - lo + n].copy_(value.reshape(-1))
                 else:  # a scalar of the range ("step", ...): the same in each of its parameters
                     states[i].setdefault(key, value.clone() if torch.is_tensor(value) else value)
-        for p, master, state in zip(self.params[g], masters, states):
-            if self.master_weights:
-                p.data = master
+        for i, (p, state) in enumerate(zip(self.params[g], states)):
+            if masters is not None:
+                p.data = masters[i]
             self.inner[g].state.pop(p, None)
             if state:
                 self.inner[g].state[p] = state

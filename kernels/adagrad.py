@@ -12,7 +12,7 @@ single-tensor loop:
     w = w - lr / (1 + (step - 1) * lr_decay) * g / (sqrt(s) + eps)
 
 then w and s are stored in their formats; the update itself uses the unrounded fp32 s. Bytes per
-element (read + written), bf16 param and grad: sum fp32 8, bf16 4, int8 1 + 1/32; weights fp32
+element (read + written), bf16 param and grad: sum fp32 8, bf16 4, int8 2 + 1/16; weights fp32
 master 10, kahan 8, none 4; grad 2. An fp32 param: weights 8, grad 4 (fp32 sum: 20).
 torch.optim.Adagrad's initial_accumulator_value is the caller's initial state_sum.
 """

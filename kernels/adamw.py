@@ -14,9 +14,9 @@ single-tensor loop:
     w = w - lr / (1 - beta1^step) * m / (sqrt(v) / sqrt(1 - beta2^step) + eps)
 
 then w, m and v are stored in their formats; the update itself uses the unrounded fp32 m and v.
-Bytes per element (read + written), bf16 param and grad: state fp32 16, bf16 8, int8 2 + 1/16
+Bytes per element (read + written), bf16 param and grad: state fp32 16, bf16 8, int8 4 + 1/8
 (codes and absmax); weights fp32 master 8 + 2 (master, param written), kahan 4 + 4 (param and
-compensation), none 4; grad 2. E.g. fp32 state + master 28, int8 + kahan 14.06. An fp32 param:
+compensation), none 4; grad 2. E.g. fp32 state + master 28, int8 + kahan 14.125. An fp32 param:
 weights 8, grad 4.
 """
 import torch

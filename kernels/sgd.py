@@ -16,8 +16,8 @@ single-tensor loop:
     w = w - lr * g
 
 then w and b are stored in their formats; the update itself uses the unrounded fp32 b. Bytes per
-element (read + written) with momentum, bf16 param and grad: buffer fp32 8, bf16 4, int8 1 +
-1/32; weights fp32 master 10, kahan 8, none 4; grad 2. An fp32 param: weights 8, grad 4 (fp32
+element (read + written) with momentum, bf16 param and grad: buffer fp32 8, bf16 4, int8 2 +
+1/16; weights fp32 master 10, kahan 8, none 4; grad 2. An fp32 param: weights 8, grad 4 (fp32
 buffer: 20). The first step does not read the buffer, and without momentum there is no buffer.
 """
 import torch

@@ -654,8 +654,9 @@ def test_cuda_rejects_host_pointer_as_device_side():
 
 @pytest.mark.cuda
 def test_cuda_device_slot_freed_early_is_not_reused_under_the_copy():
-    """record_stream: a slot dropped right after its transfer is issued keeps its memory until
-    the copy stream is done with it; a new allocation cannot clobber the transfer."""
+    """A slot dropped right after its transfer is issued keeps its memory until the copy stream
+    is done with it (the engine holds a reference until the ticket is done); a new allocation
+    cannot clobber the transfer."""
     with TransferEngine("cuda") as e:
         n = 64 << 20
         host = e.alloc_host(n)
