@@ -39,6 +39,7 @@ installed.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -217,6 +218,7 @@ class Ranks:
 
     def leave(self) -> None:
         if self.owns_group:
+            gc.collect()  # what still holds the group (a DDP reducer in a cycle) goes first
             dist.destroy_process_group()
             self.owns_group = False
 

@@ -153,6 +153,13 @@ class Full(Method):
         return {"weights": _bytes(self.model.parameters()), "gradients": _bytes(self.params),
                 "state_device": _bytes(_state_tensors(self.optimizer, self.params)), "state_host": 0}
 
+    def close(self) -> None:
+        """Also unwrap DistributedDataParallel: its reducer holds the process group, which must
+        not outlive destroy_process_group (a gloo group torn down at interpreter exit can abort)."""
+        super().close()
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            self.model = self.model.module
+
 
 class Lora(Full):
     """peft LoRA (r=16, alpha=32) on the attention and MLP projections; `model` becomes the
