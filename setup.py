@@ -41,7 +41,6 @@ class CMakeBuild(build_ext):
 
 setup(
     packages=["hift_rt", "hift_rt.kernels", "hift_rt.bench", "hift_rt.integrations"],
-    package_dir={"hift_rt": "hift_rt", "hift_rt.kernels": "kernels"},
     ext_modules=[CMakeExtension("hift_rt._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -13,7 +13,7 @@ Formats. `state_dtype` "fp32" (torch's), "bf16" or "int8" stores every moment of
 (n,) uint8 codes plus "<name>_absmax" (n / Q,) fp32 (hift_rt.kernels.quantization; the first
 moment and the momentum take the signed code, exp_avg_sq and sum the unsigned one). A bf16/fp16
 param may add `master` "fp32" (field "master", (n,) fp32) or "kahan" (field "compensation", (n,)
-in the param's dtype); without either its updates are lossy (see kernels/_common.py).
+in the param's dtype); without either its updates are lossy (see hift_rt/kernels/_common.py).
 
 This module may call hift_rt.kernels only.
 """
