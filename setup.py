@@ -40,7 +40,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=["hift_rt", "hift_rt.kernels", "hift_rt.bench", "hift_rt.integrations"],
+    packages=["hift_rt", "hift_rt.kernels", "hift_rt.job", "hift_rt.bench", "hift_rt.integrations"],
     ext_modules=[CMakeExtension("hift_rt._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

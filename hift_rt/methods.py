@@ -1,4 +1,4 @@
-"""Ways of fine-tuning a model, one class each, shared by the finetune job (hift_rt/job.py) and
+"""Ways of fine-tuning a model, one class each, shared by the finetune job (hift_rt/job/) and
 the benchmark (hift_rt/bench/finetune.py):
 
   Full           torch.optim.AdamW over every trainable parameter (fused on CUDA); under

@@ -128,5 +128,6 @@ def test_the_manifest_refuses_a_damaged_checkpoint(tmp_path, damage, message):
 
 def test_save_refuses_a_file_in_place_of_the_directory(tmp_path):
     (tmp_path / "ckpt").write_text("a file")
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(checkpoint.CheckpointError, match="exists and is not a directory"):
         checkpoint.save(tmp_path / "ckpt", writer(1, lambda: None), 1)
+    assert (tmp_path / "ckpt").read_text() == "a file" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

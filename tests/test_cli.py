@@ -1,4 +1,4 @@
-"""`python -m hift_rt finetune`: the main job from the command line (hift_rt/job.py through
+"""`python -m hift_rt finetune`: the main job from the command line (hift_rt/job/ through
 hift_rt/cli.py), in this process. The crash tests with real signals are in test_cli_crash.py."""
 import json
 import math
@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from hift_rt import checkpoint, job
+from hift_rt.job import data, report, train
 from hift_rt.cli import main
 
 FAST = ["--batch-size", "2", "--seq-len", "32", "--warmup-steps", "2"]
@@ -76,7 +77,7 @@ def test_compare_full_and_plot(tmp_path, small, capsys):
 def test_equal_time_takes_each_run_at_the_seconds_of_the_shortest_run():
     fast = {"method": "hift", "step_seconds": [1.0] * 6, "losses": [6.0, 5.0, 4.0, 3.0, 2.0, 1.0]}
     slow = {"method": "full", "step_seconds": [2.0] * 6, "losses": [5.0, 3.0, 2.0, 1.0, 0.5, 0.25]}
-    job.add_equal_time([fast, slow])
+    report.add_equal_time([fast, slow])
     # the fast run took 6 s in all; in 6 s the slow one made 3 steps
     assert fast["equal_time"] == {"seconds": 6.0, "steps": 6, "loss": 3.5}   # mean of its 6 losses (< 10)
     assert slow["equal_time"] == {"seconds": 6.0, "steps": 3, "loss": 10 / 3}
@@ -100,7 +101,7 @@ def test_ctrl_c_in_the_middle_of_a_step_saves_at_its_end_and_resumes_exactly(tmp
     whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
     assert run("--steps", 7, "--save", whole, "--grad-accum", 2, "--model", small) == 0
     calls = {"n": 0}
-    original = job.WindowSampler.next
+    original = data.WindowSampler.next
 
     def next_and_ctrl_c(self):
         calls["n"] += 1
@@ -108,11 +109,11 @@ def test_ctrl_c_in_the_middle_of_a_step_saves_at_its_end_and_resumes_exactly(tmp
             os.kill(os.getpid(), signal.SIGINT)
         return original(self)
 
-    monkeypatch.setattr(job.WindowSampler, "next", next_and_ctrl_c)
+    monkeypatch.setattr(data.WindowSampler, "next", next_and_ctrl_c)
     assert run("--steps", 7, "--save", interrupted, "--grad-accum", 2, "--model", small) == 130
     assert "interrupted at step 5: checkpoint saved" in capsys.readouterr().out
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back
-    monkeypatch.setattr(job.WindowSampler, "next", original)
+    monkeypatch.setattr(data.WindowSampler, "next", original)
     assert calls["n"] == 10 and checkpoint.manifest(interrupted)["step"] == 5
     assert run("--steps", 7, "--resume", interrupted, "--save", interrupted, "--grad-accum", 2) == 0
     a, b = load_file(whole / "model.safetensors"), load_file(interrupted / "model.safetensors")
@@ -120,7 +121,7 @@ def test_ctrl_c_in_the_middle_of_a_step_saves_at_its_end_and_resumes_exactly(tmp
 
 
 def test_first_ctrl_c_asks_to_stop_the_second_interrupts_at_once():
-    with job.StopOnCtrlC() as stop:
+    with train.StopOnCtrlC() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested
         with pytest.raises(KeyboardInterrupt):

@@ -128,8 +128,9 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_and_on_two_as_one_process_run
 AGREE = """
 import sys, torch
 from hift_rt import job
+from hift_rt.job.ranks import Ranks
 from hift_rt.cli import main
-ranks = job.Ranks()
+ranks = Ranks()
 ranks.join(torch.device("cpu"))
 try:
     with ranks.agree():

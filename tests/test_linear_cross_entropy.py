@@ -20,7 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import hift_rt
-from hift_rt import job, methods
+from hift_rt import methods
+from hift_rt.job import options, train
 from hift_rt.kernels import _common, linear_cross_entropy, linear_cross_entropy_ref
 from models import assert_params_close, tiny_gpt2, tiny_llama, train_side_by_side
 from sm90 import compile_for_sm90
@@ -673,16 +674,16 @@ def test_methods_apply_the_efficient_loss_and_close_removes_it(torch_path):
 
 def test_job_efficient_loss_option(torch_path):
     notes = []
-    small, large = llama(vocab=301), llama(vocab=job.EFFICIENT_LOSS_MIN_VOCAB)
-    assert job.use_efficient_loss("auto", small, notes.append) is False
-    assert job.use_efficient_loss("auto", large, notes.append) is True
-    assert job.use_efficient_loss("on", small, notes.append) is True
-    assert job.use_efficient_loss("off", large, notes.append) is False
+    small, large = llama(vocab=301), llama(vocab=options.EFFICIENT_LOSS_MIN_VOCAB)
+    assert train.use_efficient_loss("auto", small, notes.append) is False
+    assert train.use_efficient_loss("auto", large, notes.append) is True
+    assert train.use_efficient_loss("on", small, notes.append) is True
+    assert train.use_efficient_loss("off", large, notes.append) is False
     _soft_capping(large)
-    assert job.use_efficient_loss("auto", large, notes.append) is False
+    assert train.use_efficient_loss("auto", large, notes.append) is False
     assert len(notes) == 1 and "final_logit_softcapping" in notes[0]
-    with pytest.raises(job.JobError, match="--efficient-loss on: .*final_logit_softcapping"):
-        job.use_efficient_loss("on", large, notes.append)
+    with pytest.raises(train.JobError, match="--efficient-loss on: .*final_logit_softcapping"):
+        train.use_efficient_loss("on", large, notes.append)
 
 
 def test_job_runs_with_the_efficient_loss(torch_path, tmp_path, capsys):
