@@ -2,7 +2,8 @@
 optimizer and the Hugging Face Trainer integration share.
 
 Owns the argument checks, the resolution of `optim=` (a fused family from hift_rt.families or a
-torch.optim.Optimizer subclass) and the dtype/offload policy; may call hift_rt.families and
+torch.optim.Optimizer subclass, not one that cuts a model into groups itself: HiFTOptimizer says
+so by its `runs_groups_itself`) and the dtype/offload policy; may call hift_rt.families and
 hift_rt.rotation (for the strategy names) only.
 """
 from __future__ import annotations
@@ -110,14 +111,15 @@ class HiFTConfig:
         self._resolve_optim()
 
     def _resolve_optim(self) -> None:
-        from .optimizer import HiFTOptimizer  # here: the optimizer module imports this one
-
         optim = self.optim
         if isinstance(optim, str) and optim in FAMILIES:
             self.family = FAMILIES[optim]
             self.options = self.family.options(self.hyperparameters)
             self.optim_name = optim
-        elif isinstance(optim, type) and issubclass(optim, torch.optim.Optimizer) and not issubclass(optim, HiFTOptimizer):
+        elif isinstance(optim, type) and getattr(optim, "runs_groups_itself", False):
+            raise ValueError(f"optim={optim.__qualname__} cuts the model into groups itself; give the optimizer "
+                             f"each group runs: one of {sorted(FAMILIES)} or a torch.optim.Optimizer subclass")
+        elif isinstance(optim, type) and issubclass(optim, torch.optim.Optimizer):
             self.torch_class = optim
             self.options = dict(self.hyperparameters)
             self.optim_name = f"{optim.__module__}.{optim.__qualname__}"

@@ -38,7 +38,7 @@ from .gradients import GradientBuffer
 from .kernels import grad_norm
 from .rotation import Rotation
 from .state_store import StateStore
-from .updaters import FusedUpdater, TorchClassUpdater, Updater, updates_of
+from .updaters import MAX_STEP, FusedUpdater, TorchClassUpdater, Updater, updates_of
 
 STATE_DICT_VERSION = 2
 
@@ -97,6 +97,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
     # GradScaler hands us its scale and found_inf tensors instead of unscaling fp16 gradients
     # itself (which torch refuses for fp16 parameters); see step().
     _step_supports_amp_scaling = True
+    # Not an `optim=` for another HiFTOptimizer (HiFTConfig refuses it without importing this module).
+    runs_groups_itself = True
 
     def __init__(self, model: nn.Module, config: HiFTConfig):
         self._closed = True  # until fully built: close() and other wraps ignore a half-built one
@@ -431,6 +433,12 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if self.config.family is not None:
             self.config.family.check_loaded_options(param_group)
             check_options(self.config.family.name, {**self._options(), **param_group})
+        n = len(self._index)
+        strays = [key for key in state_dict["state"] if isinstance(key, bool) or not isinstance(key, int)
+                  or not 0 <= key < n]
+        if strays:
+            raise ValueError(f"state dict's 'state' has key {strays[0]!r} ({type(strays[0]).__name__}): its keys are "
+                             f"parameter indices, ints in 0..{n - 1} (a state dict through JSON has str keys)")
         entries = [[state_dict["state"].get(self._index[id(p)]) for _, p in group.params] for group in self.groups]
         for group, group_entries in zip(self.groups, entries):
             self._updater.check_group_state(group, group_entries)
@@ -439,6 +447,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
             steps = [max(updates_of(e) for e in group_entries) for group_entries in entries]
             return {"entries": entries, "param_group": param_group, "steps": steps,
                     "rotation": Rotation(k, self.config.strategy, self.config.seed), "cycle_lr": (None, None)}
+        if not isinstance(hift, dict):
+            raise ValueError(f"state dict's 'hift' entry is a {type(hift).__name__}, not a dict")
         if hift.get("version") != STATE_DICT_VERSION:
             raise ValueError(f"state dict version {hift.get('version')} is not {STATE_DICT_VERSION}")
         if hift.get("optim") != self.config.optim_name:
@@ -451,8 +461,13 @@ class HiFTOptimizer(torch.optim.Optimizer):
             raise ValueError("state dict was saved with another group layout (parameter names per group differ)")
         steps = hift.get("group_steps")
         if not isinstance(steps, (list, tuple)) or len(steps) != k or \
-                not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps):
-            raise ValueError(f"state dict's group_steps {steps!r} is not {k} counts >= 0")
+                not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_STEP for s in steps):
+            raise ValueError(f"state dict's group_steps {steps!r} is not {k} counts in [0, 2**53]")
+        for group, group_entries, group_steps in zip(self.groups, entries, steps):
+            for (name, _), entry in zip(group.params, group_entries):
+                if updates_of(entry) > group_steps:  # a parameter is updated only in its group's steps
+                    raise ValueError(f"state 'step' of parameter '{name}' is {updates_of(entry)}, more updates than "
+                                     f"its group {group.index} has had ({group_steps})")
         rotation = Rotation(k, self.config.strategy, self.config.seed)
         rotation.load_state_dict(hift.get("rotation"))
         cycle_lr, cycle_lr_of = hift.get("cycle_lr"), hift.get("cycle_lr_of")

@@ -31,6 +31,23 @@ ParamState = Optional[Dict[str, object]]  # torch's per-parameter state entry, N
 NONNEGATIVE_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg", "acc_delta", "exp_inf"})
 
 
+# The largest per-parameter step count a state may hold: every integer up to it is exact in the
+# float64 a count is read through (torch keeps "step" as a float32 tensor, exact to 2**24).
+MAX_STEP = 2 ** 53
+
+
+def _check_step(value, what: str) -> None:
+    """ValueError unless `value` is a step count: a whole number in [0, MAX_STEP], as a Python
+    number or a one-element tensor."""
+    if torch.is_tensor(value):
+        number = float(value.reshape(-1)[0]) if value.numel() == 1 else math.nan
+    else:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    if not 0 <= number <= MAX_STEP or number != int(number):
+        shown = f"a tensor of {value.numel()} elements" if torch.is_tensor(value) and value.numel() != 1 else repr(value)
+        raise ValueError(f"{what} is {shown}, not a whole count of updates in [0, 2**53]")
+
+
 def updates_of(entry: Optional[dict]) -> int:
     """Updates a parameter had, from its torch state entry (None or empty: none; SGD keeps no
     step: a momentum buffer means at least one)."""
@@ -75,37 +92,43 @@ class Updater(ABC):
         ...
 
     def check_group_state(self, group: FlatGroup, entries: List[ParamState]) -> None:
-        """Raise ValueError, naming the parameter, for entries that cannot be a valid state of the
-        group: a tensor of another size, non-finite values, a negative running sum of squares,
-        a step count that is not a number >= 0. Called before anything is loaded."""
+        """Raise ValueError, naming the parameter and the field, for entries that cannot be a
+        valid state of the group: not a dict of named fields, a tensor without data (meta) or of
+        another layout (sparse), a non-number dtype, a tensor of another size, non-finite
+        values, a negative running sum of squares, a step count that is not a whole number in
+        [0, MAX_STEP]. Called before anything is loaded; any device is fine (values are copied)."""
         for (name, p), entry in zip(group.params, entries):
             if entry is None:
                 continue
             if not isinstance(entry, dict):
                 raise ValueError(f"state of parameter '{name}' is a {type(entry).__name__}, not a dict")
             for key, value in entry.items():
+                if not isinstance(key, str):
+                    raise ValueError(f"state of parameter '{name}' has a field named {key!r} ({type(key).__name__}); "
+                                     "fields are named by strings")
+                what = f"state '{key}' of parameter '{name}'"
+                if torch.is_tensor(value):
+                    if value.is_meta or value.layout != torch.strided:
+                        raise ValueError(f"{what} is a {'meta' if value.is_meta else str(value.layout)} tensor, "
+                                         "not one holding values")
+                    if value.dtype == torch.bool or value.is_complex():
+                        raise ValueError(f"{what} has dtype {value.dtype}, not a real number type")
                 if key == "step":
-                    step = float(value) if torch.is_tensor(value) and value.numel() == 1 or \
-                        isinstance(value, (int, float)) else math.nan
-                    if not step >= 0 or math.isinf(step):
-                        raise ValueError(f"state 'step' of parameter '{name}' is {value!r}, not a count >= 0")
+                    _check_step(value, what)
                     continue
-                if not torch.is_tensor(value) or value.dim() == 0:
-                    continue
+                if not torch.is_tensor(value) or value.dim() == 0 and p.dim() > 0:
+                    continue  # an optimizer's scalar (e.g. NAdam's mu_product)
                 if key.endswith("_absmax"):  # one per quantization block: a maximum of magnitudes
                     if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
-                        raise ValueError(f"state '{key}' of parameter '{name}' is negative or non-finite: "
-                                         "the checkpoint is corrupt")
+                        raise ValueError(f"{what} is negative or non-finite: the checkpoint is corrupt")
                     continue
                 if value.numel() != p.numel():
-                    raise ValueError(f"state '{key}' of parameter '{name}' has {value.numel()} elements, "
-                                     f"the parameter {p.numel()}")
+                    raise ValueError(f"{what} has {value.numel()} elements, the parameter {p.numel()}")
                 if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                    raise ValueError(f"state '{key}' of parameter '{name}' has non-finite values: "
-                                     "the checkpoint is corrupt")
+                    raise ValueError(f"{what} has non-finite values: the checkpoint is corrupt")
                 if key in NONNEGATIVE_STATE and bool((value < 0).any()):
-                    raise ValueError(f"state '{key}' of parameter '{name}' has negative values "
-                                     f"(min {float(value.min()):.3g}), impossible for '{key}': the checkpoint is corrupt")
+                    raise ValueError(f"{what} has negative values (min {float(value.min()):.3g}), impossible for "
+                                     f"'{key}': the checkpoint is corrupt")
 
     def memory(self) -> dict:
         return {"state_device": self.store.device_bytes(), "state_host": self.store.host_bytes()}
@@ -212,21 +235,52 @@ class FusedUpdater(Updater):
         return entries
 
     def check_group_state(self, group, entries):
+        """Beyond the common checks, each field against the formats this family reads: the
+        moments it keeps (fp32, bf16, the parameter's dtype as torch keeps it, or uint8 codes with
+        their "<name>_absmax" fp32 blocks), "step" where torch keeps one, an fp32 "master" or a
+        "compensation" in the parameter's dtype; shaped like the parameter (absmax: one per
+        block). Anything else names the parameter and the field."""
         super().check_group_state(group, entries)
+        moments = self.family.state_names(self.wrap_options)
+        float_dtypes = {torch.float32, torch.bfloat16, group.flat.dtype}
         for (name, p), entry in zip(group.params, entries):
             if entry is None:
                 continue
-            missing = [key for key in self.family.state_names(self.wrap_options) if key not in entry]
+            known = {*moments, *(m + "_absmax" for m in moments), "master", "compensation"}
+            if self.family.has_step:
+                known.add("step")
+            unknown = sorted(set(entry) - known)
+            if unknown:
+                raise ValueError(f"state of parameter '{name}' has field(s) {unknown} that optim={self.family.name!r} "
+                                 f"does not keep (it keeps {sorted(known)})")
+            missing = [key for key in moments if key not in entry]
             if self.family.has_step and "step" not in entry:
                 missing.append("step")
-            missing += [key + "_absmax" for key in self.family.state_names(self.wrap_options)
-                        if key in entry and torch.as_tensor(entry[key]).dtype == torch.uint8 and key + "_absmax" not in entry]
             if missing:
                 raise ValueError(f"state of parameter '{name}' has no {missing} (optim={self.family.name!r})")
             for key, value in entry.items():
-                if key.endswith("_absmax") and torch.as_tensor(value).numel() != -(-p.numel() // Q):
-                    raise ValueError(f"state '{key}' of parameter '{name}' has {torch.as_tensor(value).numel()} "
-                                     f"blocks, the parameter {-(-p.numel() // Q)} of {Q}")
+                what = f"state '{key}' of parameter '{name}'"
+                if key == "step":
+                    continue
+                if not torch.is_tensor(value):
+                    raise ValueError(f"{what} is a {type(value).__name__}, not a tensor")
+                if key.endswith("_absmax"):
+                    moment = key[:-len("_absmax")]
+                    if value.dtype != torch.float32 or value.dim() != 1 or value.numel() != -(-p.numel() // Q):
+                        raise ValueError(f"{what} is {tuple(value.shape)} {value.dtype}; an int8 moment's scales "
+                                         f"are ({-(-p.numel() // Q)},) torch.float32, one per block of {Q}")
+                    if entry[moment].dtype != torch.uint8:
+                        raise ValueError(f"{what} belongs to int8 codes, but '{moment}' is {entry[moment].dtype}")
+                    continue
+                if tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(f"{what} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}")
+                expected = {"master": {torch.float32}, "compensation": {group.flat.dtype}}.get(
+                    key, float_dtypes | {torch.uint8})
+                if value.dtype not in expected:
+                    raise ValueError(f"{what} has dtype {value.dtype}; expected one of "
+                                     f"{sorted(str(d) for d in expected)}")
+                if value.dtype == torch.uint8 and key + "_absmax" not in entry:
+                    raise ValueError(f"state of parameter '{name}' has int8 codes '{key}' without '{key}_absmax'")
 
     def load_group_state(self, group, entries):
         """Entries in this optimizer's format are copied as they are (a resume is bit-exact);

@@ -68,6 +68,38 @@ def _corrupt(state, how):
         state["param_groups"][0]["lr"] = math.inf
     elif how == "betas":
         state["param_groups"][0]["betas"] = (0.9, 1.5)
+    elif how == "fp16 moment":  # the model is bf16: its moments are fp32, bf16, bf16 (torch's) or int8
+        entry["exp_avg"] = entry["exp_avg"].half()
+    elif how == "int64 moment":
+        entry["exp_avg_sq"] = entry["exp_avg_sq"].long()
+    elif how == "fp16 master":
+        entry["master"] = entry["master"].half()
+    elif how == "transposed moment":
+        entry["exp_avg"] = entry["exp_avg"].reshape(-1).flip(0).reshape(entry["exp_avg"].shape[::-1] + (1,))
+    elif how == "meta moment":
+        entry["exp_avg"] = torch.empty_like(entry["exp_avg"], device="meta")
+    elif how == "sparse moment":
+        entry["exp_avg"] = entry["exp_avg"].to_sparse()
+    elif how == "step a huge tensor":
+        entry["step"] = torch.zeros(10 ** 6)
+    elif how == "step a huge number":
+        entry["step"] = torch.tensor(1e30)
+    elif how == "fractional step":
+        entry["step"] = torch.tensor(1.5)
+    elif how == "step beyond the group's":
+        entry["step"] = torch.tensor(float(sum(state["hift"]["group_steps"]) + 1))
+    elif how == "string keys":  # a state dict that went through JSON
+        state["state"] = {str(i): e for i, e in state["state"].items()}
+    elif how == "key out of range":
+        state["state"][10 ** 6] = entry
+    elif how == "unknown field":
+        entry["exp_avg2"] = entry["exp_avg"].clone()
+    elif how == "field named by a number":
+        entry[7] = entry["exp_avg"].clone()
+    elif how == "scales without codes":
+        entry["exp_avg_absmax"] = torch.ones(-(-entry["exp_avg"].numel() // 128))
+    elif how == "hift not a dict":
+        state["hift"] = ["rotation"]
     return state
 
 
@@ -85,6 +117,22 @@ def _corrupt(state, how):
     ("cycle lr", "cycle lr"),
     ("lr", "lr inf"),
     ("betas", "betas must be"),
+    ("fp16 moment", r"'exp_avg' of parameter '[\w.]+' has dtype torch.float16; expected one of"),
+    ("int64 moment", r"'exp_avg_sq' of parameter '[\w.]+' has dtype torch.int64; expected one of"),
+    ("fp16 master", r"'master' of parameter '[\w.]+' has dtype torch.float16; expected one of \['torch.float32'\]"),
+    ("transposed moment", r"'exp_avg' of parameter '[\w.]+' has shape \("),
+    ("meta moment", r"'exp_avg' of parameter '[\w.]+' is a meta tensor"),
+    ("sparse moment", r"'exp_avg' of parameter '[\w.]+' is a torch.sparse_coo tensor"),
+    ("step a huge tensor", r"'step' of parameter '[\w.]+' is a tensor of 1000000 elements"),
+    ("step a huge number", r"'step' of parameter '[\w.]+' is tensor\(1.0000e\+30\), not a whole count"),
+    ("fractional step", r"'step' of parameter '[\w.]+' is tensor\(1.5000\), not a whole count"),
+    ("step beyond the group's", r"'step' of parameter '[\w.]+' is \d+, more updates than its group"),
+    ("string keys", r"'state' has key '\d+' \(str\): its keys are parameter indices"),
+    ("key out of range", r"'state' has key 1000000 \(int\)"),
+    ("unknown field", r"parameter '[\w.]+' has field\(s\) \['exp_avg2'\] that optim='adamw' does not keep"),
+    ("field named by a number", r"parameter '[\w.]+' has a field named 7 \(int\)"),
+    ("scales without codes", r"'exp_avg_absmax' of parameter '[\w.]+' belongs to int8 codes"),
+    ("hift not a dict", "'hift' entry is a list"),
 ])
 @pytest.mark.parametrize("offload", [True, False])
 def test_a_checkpoint_that_cannot_be_valid_is_refused_and_changes_nothing(how, match, offload):
