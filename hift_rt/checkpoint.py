@@ -245,11 +245,14 @@ def recover(directory: Path) -> None:
 def _check_no_collision(directory: Path, new: Path) -> None:
     """Before the switch: no file a user put into the checkpoint at `directory` may sit where the
     new checkpoint `new` has an entry (it would have to be deleted)."""
-    if not directory.is_dir():
+    if not directory.is_dir() or not any(directory.iterdir()):
         return
     for name in _foreign(directory, _read_manifest(directory)["files"]):
         path = PurePosixPath(name)
-        if any(os.path.lexists(new / p) for p in [path, *path.parents][:-1]):
+        blocked = os.path.lexists(new / path) or any(  # an entry there, or a file where its folder goes
+            os.path.lexists(new / p) and (os.path.islink(new / p) or not os.path.isdir(new / p))
+            for p in list(path.parents)[:-1])
+        if blocked:
             raise CheckpointError(f"{directory / name} is not part of the checkpoint and the new checkpoint would "
                                   "replace it: move it away; nothing was changed")
 
@@ -278,23 +281,32 @@ def save(directory: Path, write: Callable[[Path], None], step: int) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if not directory.exists():
-        os.rename(tmp, directory)
-        _fsync(directory.parent)
-        return
-    if _exchange(tmp, directory):
-        old = tmp  # tmp now holds the previous checkpoint
-    else:
-        old = _hidden(directory, _PREVIOUS)
-        os.rename(directory, old)
-        os.rename(tmp, directory)
-    _fsync(directory.parent)
+    old = None
     try:
-        _discard(old, directory)
+        if not directory.exists():
+            os.rename(tmp, directory)
+        elif _exchange(tmp, directory):
+            old = tmp  # tmp now holds the previous checkpoint
+        else:
+            old = _hidden(directory, _PREVIOUS)
+            os.rename(directory, old)
+            try:
+                os.rename(tmp, directory)
+            except OSError:
+                os.rename(old, directory)  # the previous checkpoint goes back: nothing switched
+                raise
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # not switched: tmp is the unused new checkpoint
+        raise
+    try:
         _fsync(directory.parent)
+        if old is not None:
+            _discard(old, directory)
+            _fsync(directory.parent)
     except OSError as exc:
-        raise CheckpointError(f"the checkpoint of step {step} is in place, but the previous one could not be "
-                              f"cleared ({exc.strerror or exc}); the next save or --resume clears it") from None
+        raise CheckpointError(f"the checkpoint of step {step} is in place, but flushing it or clearing the previous "
+                              f"one failed ({exc.strerror or exc}); the next save or --resume clears what is "
+                              "left") from None
 
 
 def manifest(directory: Path) -> dict:

@@ -20,6 +20,9 @@ class Killed(BaseException):
     """Stands for SIGKILL: not an Exception, so nothing on the way catches it."""
 
 
+USER_FILES = {"notes.txt": b"mine", "sub/mine.bin": b"also mine"}
+
+
 def contents(step):
     return {"model.bin": bytes([step]) * 5000, "sub/state.pt": f"state of step {step}".encode()}
 
@@ -76,6 +79,9 @@ def test_a_save_killed_at_any_moment_leaves_the_old_or_the_new_checkpoint(tmp_pa
         directory = tmp_path / f"run{at}" / "ckpt"
         if old:
             checkpoint.save(directory, writer(1, lambda: None), 1)
+            for name, data in USER_FILES.items():  # a user's files in the checkpoint directory
+                (directory / name).parent.mkdir(exist_ok=True)
+                (directory / name).write_bytes(data)
         with monkeypatch.context() as patch:
             kill = Kill(patch, at, exchange)
             try:
@@ -90,6 +96,8 @@ def test_a_save_killed_at_any_moment_leaves_the_old_or_the_new_checkpoint(tmp_pa
         checkpoint.save(directory, writer(3, lambda: None), 3)  # the next save clears what was left
         assert assert_checkpoint_of(directory, {3}) == 3
         assert sorted(p.name for p in directory.parent.iterdir()) == ["ckpt"]
+        if old:  # the user's files went wherever the checkpoint went, whatever the moment of the kill
+            assert {name: (directory / name).read_bytes() for name in USER_FILES} == USER_FILES
         if finished:
             break
         at += 1
@@ -131,3 +139,68 @@ def test_save_refuses_a_file_in_place_of_the_directory(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="exists and is not a directory"):
         checkpoint.save(tmp_path / "ckpt", writer(1, lambda: None), 1)
     assert (tmp_path / "ckpt").read_text() == "a file" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_save_refuses_a_directory_that_is_not_a_checkpoint_and_takes_an_empty_one(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("keep")
+    with pytest.raises(checkpoint.CheckpointError, match="is a directory that is not a hift_rt checkpoint "
+                                                         r"\(it holds precious.txt\)"):
+        checkpoint.save(tmp_path / "mine", writer(1, lambda: None), 1)
+    assert (tmp_path / "mine" / "precious.txt").read_text() == "keep"
+    (tmp_path / "empty").mkdir()
+    checkpoint.save(tmp_path / "empty", writer(1, lambda: None), 1)
+    assert assert_checkpoint_of(tmp_path / "empty", {1}) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine"]
+
+
+def test_a_symlink_is_followed_and_kept(tmp_path):
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "disk" / "ckpt")
+    for step in (1, 2):
+        checkpoint.save(tmp_path / "link", writer(step, lambda: None), step)
+        assert (tmp_path / "link").is_symlink() and assert_checkpoint_of(tmp_path / "disk" / "ckpt", {step}) == step
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "link"]
+        assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["ckpt"]
+
+
+def test_a_save_that_would_replace_a_users_file_is_refused_before_it_switches(tmp_path):
+    directory = tmp_path / "ckpt"
+    checkpoint.save(directory, writer(1, lambda: None), 1)
+    (directory / "extra.bin").write_bytes(b"the user's")
+
+    def write_extra(target):
+        writer(2, lambda: None)(target)
+        (target / "extra.bin").write_bytes(b"the checkpoint's")
+
+    with pytest.raises(checkpoint.CheckpointError, match="extra.bin is not part of the checkpoint and the new "
+                                                         "checkpoint would replace it"):
+        checkpoint.save(directory, write_extra, 2)
+    assert assert_checkpoint_of(directory, {1}) == 1 and (directory / "extra.bin").read_bytes() == b"the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_hidden_directories_that_are_not_a_saves_are_left_alone(tmp_path):
+    directory = tmp_path / "ckpt"
+    lookalike = tmp_path / ".ckpt.saving-mine"  # a user's, named like ours but without marker or manifest
+    lookalike.mkdir()
+    (lookalike / "data.txt").write_text("keep")
+    (tmp_path / ".ckpt.previous").mkdir()
+    (tmp_path / ".ckpt.previous" / "data.txt").write_text("keep too")
+    checkpoint.save(directory, writer(1, lambda: None), 1)
+    checkpoint.save(directory, writer(2, lambda: None), 2)
+    assert (lookalike / "data.txt").read_text() == "keep"
+    assert (tmp_path / ".ckpt.previous" / "data.txt").read_text() == "keep too"
+
+
+def test_os_error_in_finds_the_os_error_a_library_wrapped(tmp_path):
+    assert checkpoint.os_error_in(ValueError("no file here")) is None
+    try:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    except RuntimeError as wrapped:  # torch.save into a Python file: the OSError is the context
+        assert checkpoint.os_error_in(wrapped).errno == 28
+    found = checkpoint.os_error_in(Exception("Error while serializing: I/O error: File too large (os error 27)"))
+    assert (found.errno, found.strerror) == (27, os.strerror(27))  # safetensors' SafetensorError

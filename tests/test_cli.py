@@ -153,7 +153,8 @@ def assert_one_line(capsys, message):
     err = printed.err.strip()
     last = err.splitlines()[-1]
     assert last.startswith("hift-rt: error: ") and message in last, err
-    assert err.count("error") == 1 and "Traceback" not in err, err
+    assert err.count("hift-rt: error") == 1 and "Traceback" not in err, err
+    assert not any("rror" in line for line in err.splitlines()[:-1]), err  # nothing else reported a failure
     return printed.out, last
 
 

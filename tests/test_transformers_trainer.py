@@ -57,6 +57,28 @@ def test_resume_from_mid_cycle_checkpoint_matches_uninterrupted_run(tmp_path, pr
     assert opt_b.group_steps == opt.group_steps and opt_b.active_group == opt.active_group
 
 
+@pytest.mark.parametrize("edit,match", [
+    (lambda state: state["state"][0].update(exp_avg=state["state"][0]["exp_avg"].half()),
+     r"state 'exp_avg' of parameter 'model.embed_tokens.weight' has dtype torch.float16"),
+    (lambda state: state.update(state={str(i): e for i, e in state["state"].items()}),
+     r"'state' has key '0' \(str\)"),
+])
+def test_resume_refuses_an_edited_optimizer_file_naming_the_field(tmp_path, edit, match):
+    """Trainer owns its checkpoint folders and files; what HiFTTrainer adds is the optimizer's
+    state, checked field by field when Trainer loads it."""
+    args = dict(max_steps=2, save_steps=2, gradient_accumulation_steps=1)
+    model, _ = tiny_llama()
+    HiFTTrainer(model=model, args=training_args(tmp_path / "a", **args), train_dataset=Tokens()).train()
+    optimizer_file = tmp_path / "a" / "checkpoint-2" / "optimizer.pt"
+    state = torch.load(optimizer_file, weights_only=True)
+    edit(state)
+    torch.save(state, optimizer_file)
+    other, _ = tiny_llama(seed=3)
+    trainer = HiFTTrainer(model=other, args=training_args(tmp_path / "b", **args), train_dataset=Tokens())
+    with pytest.raises(ValueError, match=match):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+
+
 def test_weight_decay_follows_trainers_names_and_hift_args_are_checked(tmp_path):
     model, _ = tiny_llama()
     opt = hift_optimizer(model, training_args(tmp_path), strategy="top_down")

@@ -209,33 +209,34 @@ def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, ranks
     saves = args.save and method_name == "hift"
     bar = _progress(args.steps, done, method_name, shown=ranks.main)
     tokens_per_step = args.batch_size * ranks.world * args.seq_len * args.grad_accum
-    while done < args.steps and not ranks.any(stop.requested):  # every rank stops after the same step
-        start = time.perf_counter()
-        active = getattr(method.optimizer, "active_group", 0)
-        lr = method.optimizer.param_groups[0]["lr"]
-        method.before_forward(done)
-        total = 0.0
-        for _ in range(args.grad_accum):
-            batch = sampler.next().to(device)
-            loss = method.model(input_ids=batch, labels=batch).loss / args.grad_accum
-            method.backward(loss)
-            total += loss.detach()
-        method.update()
-        scheduler.step()
-        done += 1
-        history["losses"].append(ranks.mean(float(total)))  # one sync per step, for the log
-        history["memory_GiB"].append(_memory_gib(device))
-        history["step_seconds"].append(time.perf_counter() - start)
-        if not math.isfinite(history["losses"][-1]):
-            bar.close()
-            kept = f", nothing saved over {args.save}" if saves else ""
-            raise JobError(f"{method_name}: the training loss became {history['losses'][-1]} at step {done} "
-                           f"(--lr {args.lr} too high?): stopped{kept}")
-        bar.update(1, loss=history["losses"][-1], lr=lr, group=active,
-                   tok_s=tokens_per_step / history["step_seconds"][-1], mem=history["memory_GiB"][-1])
-        if saves and args.save_every and done % args.save_every == 0 and done < args.steps:
-            save(done)
-    bar.close()
+    try:  # the bar ends its line before any error line
+        while done < args.steps and not ranks.any(stop.requested):  # every rank stops after the same step
+            start = time.perf_counter()
+            active = getattr(method.optimizer, "active_group", 0)
+            lr = method.optimizer.param_groups[0]["lr"]
+            method.before_forward(done)
+            total = 0.0
+            for _ in range(args.grad_accum):
+                batch = sampler.next().to(device)
+                loss = method.model(input_ids=batch, labels=batch).loss / args.grad_accum
+                method.backward(loss)
+                total += loss.detach()
+            method.update()
+            scheduler.step()
+            done += 1
+            history["losses"].append(ranks.mean(float(total)))  # one sync per step, for the log
+            history["memory_GiB"].append(_memory_gib(device))
+            history["step_seconds"].append(time.perf_counter() - start)
+            if not math.isfinite(history["losses"][-1]):
+                kept = f", nothing saved over {args.save}" if saves else ""
+                raise JobError(f"{method_name}: the training loss became {history['losses'][-1]} at step {done} "
+                               f"(--lr {args.lr} too high?): stopped{kept}")
+            bar.update(1, loss=history["losses"][-1], lr=lr, group=active,
+                       tok_s=tokens_per_step / history["step_seconds"][-1], mem=history["memory_GiB"][-1])
+            if saves and args.save_every and done % args.save_every == 0 and done < args.steps:
+                save(done)
+    finally:
+        bar.close()
     if saves:
         save(done)
     if ranks.any(stop.requested):
