@@ -129,7 +129,7 @@ def run(case, compiled, backend=None):
 def test_three_cycles_compile_few_graphs_and_match_the_eager_run(case):
     _, eager_losses, eager_weights, _ = run(case, compiled=False)
     backend = CountingBackend()
-    unique_before = counters["stats"]["unique_graphs"]
+    unique_before, breaks_before = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     model, losses, weights, first_cycle_graphs = run(case, compiled=True, backend=backend)
     assert compiled_modules(model) == [f"model.layers.{i}" for i in range(LAYERS)] + ["model.norm"]
     upg = CASES[case][1].get("units_per_group", 1)
@@ -140,6 +140,7 @@ def test_three_cycles_compile_few_graphs_and_match_the_eager_run(case):
     assert backend.graphs == expected_graphs(upg) <= 2 * LAYERS + 2, (backend.graphs, expected_graphs(upg))
     assert first_cycle_graphs == backend.graphs
     assert counters["stats"]["unique_graphs"] - unique_before == backend.graphs
+    assert sum(counters["graph_break"].values()) == breaks_before  # whole blocks, whole norm
     assert len(losses) == CYCLES * -(-units // upg)
     for step, (a, b) in enumerate(zip(eager_losses, losses)):
         assert torch.equal(a, b), (step, a, b)
@@ -152,8 +153,8 @@ def test_resume_mid_cycle_under_compile_matches_an_uninterrupted_run():
     with the uninterrupted run's weights, and the resumed run compiles nothing new: its blocks and
     norm meet the same states, whose graphs dynamo already holds."""
     backend = CountingBackend()
-    data = batches(CYCLES * (LAYERS + 2))
-    saved_at = LAYERS + 2 + 4  # 6 groups: mid-way through the second cycle
+    data = batches(2 * (LAYERS + 2))
+    saved_at = 4  # of 6 groups: mid-cycle; the resumed run finishes the cycle and runs one more
     model_a, _ = tiny_llama(layers=LAYERS)
     opt_a = hift_rt.wrap(model_a, "adamw", lr=1e-2, strategy="random", seed=3)
     hift_rt.compile(model_a, backend=backend)
