@@ -45,7 +45,7 @@ import inspect
 import textwrap
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Collection, Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -339,9 +339,10 @@ def _note_tied(model: nn.Module, units: List[Unit]) -> None:
         unit.note = "; ".join(n for n in [unit.note, *tied] if n)
 
 
-def build_units(model: nn.Module) -> List[Unit]:
-    """Units bottom to top, as the module docstring says; only trainable parameters."""
-    params = _trainable(model)
+def build_units(model: nn.Module, names: Optional[Collection[str]] = None) -> List[Unit]:
+    """Units bottom to top, as the module docstring says, over the trainable parameters, or over
+    the parameters named in `names` (a wrapped model's: its inactive groups are frozen)."""
+    params = _trainable(model) if names is None else [(n, p) for n, p in model.named_parameters() if n in names]
     if not params:
         return []
     pieces = _expand(model, "", params)

@@ -36,6 +36,7 @@ from .engine import TransferEngine
 from .flat import FlatGroup, rehome
 from .gradients import GradientBuffer
 from .kernels import grad_norm
+from .regional import warn_if_whole_model_compiled
 from .rotation import Rotation
 from .state_store import StateStore
 from .updaters import MAX_STEP, FusedUpdater, TorchClassUpdater, Updater, updates_of
@@ -108,6 +109,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if not isinstance(config, HiFTConfig):
             raise TypeError("HiFTOptimizer(model, config) takes a HiFTConfig; use hift_rt.wrap(model, ...)")
         self.config = config
+        warn_if_whole_model_compiled(model)
         _check_unclaimed(model)
         _thaw_copy(model)
         cut = grouping.cut(model, config.units_per_group, config.groups)

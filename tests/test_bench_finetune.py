@@ -72,3 +72,22 @@ def test_short_pinned_memory_is_reported_with_the_bytes_the_state_needed(tmp_pat
     assert entry["state_host_needed_GiB"] * 2 ** 30 == pytest.approx(per_parameter * report["params_M"] * 1e6,
                                                                      rel=1e-6)
     assert "its state needs" in capsys.readouterr().out
+
+
+def test_compile_option_compiles_full_and_hift_once_per_variant(tmp_path):
+    """`--compile aot_eager`: every graph is compiled in the warm-up cycle, none in the timed ones;
+    full fine-tuning needs one graph for the blocks and one for the final norm (nothing freezes),
+    hift 3 for the blocks (active, frozen above it, frozen below it) and 2 for the norm."""
+    out = tmp_path / "ft.json"
+    done = subprocess.run([sys.executable, "-m", "hift_rt.bench", "finetune", "--preset", "tiny", "--seq", "16",
+                           "--methods", "full,hift", "--cycles", "1", "--compile", "aot_eager", "--json", str(out)],
+                          env={**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["compile"] == "aot_eager"
+    full, hift = report["methods"]["full"], report["methods"]["hift"]
+    assert (full["graphs_warmup"], full["graphs_timed"]) == (2, 0)
+    assert (hift["graphs_warmup"], hift["graphs_timed"]) == (5, 0)
+    assert hift["warmup_s"] > 0 and hift["step_s"] > 0
+    assert "hift: warm-up cycle" in done.stdout and "hift_rt.compile (backend aot_eager)" in done.stdout

@@ -174,3 +174,39 @@ def test_two_gloo_processes_equal_one_with_the_global_batch_and_resume(tmp_path)
     reference = torch.load(single / "train.pt")
     for name, value in trained.items():  # sums in another order: see tests/test_distributed.py
         torch.testing.assert_close(value, reference[name], rtol=0, atol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_torch_compile_goes_through_hift_rt_compile(tmp_path, monkeypatch):
+    """TrainingArguments(torch_compile=True) compiles each unit's module (hift_rt.compile) instead
+    of accelerate's whole-model torch.compile, whose graph would be recompiled at every step (and
+    run eagerly past dynamo's recompile limit); it trains to the uncompiled run's weights
+    (aot_eager is bit-identical: see tests/test_compile.py). An accelerate config's dynamo backend
+    (its environment variable) takes the same route."""
+    import torch._dynamo
+
+    from hift_rt.kernels import _common
+    from hift_rt.regional import compiled_modules
+
+    monkeypatch.setattr(_common, "TRITON_ON_CPU", False)  # the torch path: the interpreter is slow here
+    torch._dynamo.reset()
+    weights = []
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=8,
+                                    accumulated_recompile_limit=256,
+                                    skip_fwd_side_effects_in_bwd_under_checkpoint=False):
+        for compile_args in ({}, {"torch_compile_backend": "aot_eager"}):
+            model, _ = tiny_llama()
+            args = training_args(tmp_path / str(len(weights)), max_steps=6, save_strategy="no", **compile_args)
+            trainer = HiFTTrainer(model=model, args=args, train_dataset=Tokens(), hift_args={"offload": True})
+            trainer.train()
+            weights.append([p.detach().clone() for p in model.parameters()])
+        assert args.torch_compile and trainer.compile_kwargs == {"backend": "aot_eager"}
+        assert compiled_modules(model) == [f"model.layers.{i}" for i in range(4)] + ["model.norm"]
+        assert trainer.model_wrapped is model  # not accelerate's OptimizedModule
+        assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+        monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "aot_eager")
+        model, _ = tiny_llama()
+        trainer = HiFTTrainer(model=model, args=training_args(tmp_path / "env"), train_dataset=Tokens())
+        assert not trainer.args.torch_compile and trainer.compile_kwargs == {"backend": "aot_eager"}
+        assert compiled_modules(model) == [f"model.layers.{i}" for i in range(4)] + ["model.norm"]
+    torch._dynamo.reset()

@@ -19,6 +19,12 @@ in its weights' dtype on the device. Methods (hift_rt.methods):
 Loss: the model's own (full logits), or with `--efficient-loss on` hift_rt.efficient_lm_loss (no
 full logits) for every method; the `8b` preset uses the efficient loss unless `--efficient-loss off`.
 
+Compile: with `--compile [BACKEND]` (default inductor) every method's model is compiled the same
+way, by hift_rt.compile (one region per block and glue module) before the method is built, so
+compiled full fine-tuning is compared with compiled hift. The warm-up cycle compiles every graph
+(its wall time `warmup_s` includes the compile); the report gives the graphs compiled in it and in
+the timed cycles (0 when nothing recompiles).
+
 Timing: one untimed warm-up cycle of k steps (k = the method's groups; 1 for full and lora),
 then `--cycles` cycles with no synchronize between steps, only a device-wide synchronize at each
 cycle's end, as a training loop runs (the host may run ahead of the GPU; whatever blocks it shows).
@@ -33,13 +39,15 @@ peak; host RSS after the steps and the pinned host bytes (hift with offload: its
 pinned host memory runs short, the method's entry says how much its state needed instead.
 
 Owns: the presets, the timing and the report. May call: hift_rt.methods, hift_rt.engine
-(EngineError), transformers, peft, matplotlib.
+(EngineError), hift_rt.regional (compile), torch._dynamo (its graph counters), transformers, peft,
+matplotlib.
 """
 import gc
 import json
 import os
 import resource
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -48,6 +56,7 @@ import torch
 
 from .. import methods
 from ..engine import EngineError
+from ..regional import compile as compile_regions
 
 GiB = 2 ** 30
 MiB = 2 ** 20
@@ -122,6 +131,9 @@ def add_arguments(parser):
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--efficient-loss", choices=("on", "off"), default=None,
                         help="the loss without full logits, hift_rt.efficient_lm_loss (default: the preset's; on for 8b)")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="compile every method's model with hift_rt.compile and this torch.compile backend "
+                             "(default: inductor)")
     parser.add_argument("--json", default=None, help="write the figures to this file")
     parser.add_argument("--plot", default=None, help="PNG of peak memory per step over one cycle (matplotlib)")
 
@@ -215,6 +227,10 @@ def run_method(name, cfg, device, args, batch, autocast, efficient_loss):
     _release(device)  # the peaks from here on are the method's
     settings = methods.Settings(lr=LR, strategy=args.strategy, units_per_group=args.units_per_group,
                                 efficient_loss=efficient_loss, **variant)
+    if args.compile:
+        torch._dynamo.reset()  # this method's graphs only (the counters go on counting)
+        compile_regions(model, backend=args.compile)  # before the method: LayerwiseSync freezes every parameter
+    graphs_before = _graphs()
     _sync(device)
     start = time.perf_counter()
     try:
@@ -248,9 +264,12 @@ def run_method(name, cfg, device, args, batch, autocast, efficient_loss):
             host_ms["update"].append((time.perf_counter() - issued) * 1e3)
 
     k = method.groups
+    start = time.perf_counter()
     for i in range(k):
         train_step(i)
     _sync(device)
+    out["warmup_s"] = time.perf_counter() - start
+    warm_graphs = _graphs() - graphs_before
     warm = method.transfers()
     cycle_times, step_peaks, reserved = [], [], 0
     for c in range(args.cycles):
@@ -265,6 +284,8 @@ def run_method(name, cfg, device, args, batch, autocast, efficient_loss):
         _sync(device)
         cycle_times.append(time.perf_counter() - start)
     step_s = statistics.median(cycle_times) / k
+    if args.compile:
+        out["graphs_warmup"], out["graphs_timed"] = warm_graphs, _graphs() - graphs_before - warm_graphs
     breakdown = method.breakdown()
     out.update({"groups": k, "step_s": step_s, "tokens_per_s": batch.numel() / step_s,
                 "peak_per_step_bytes": step_peaks[:k], "breakdown_bytes": breakdown,
@@ -287,6 +308,12 @@ def run_method(name, cfg, device, args, batch, autocast, efficient_loss):
     del method, model
     _release(device)
     return out
+
+
+def _graphs() -> int:
+    """Graphs dynamo has compiled in this process (0 when it was never imported)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return dynamo.utils.counters["stats"]["unique_graphs"] if dynamo is not None else 0
 
 
 def summarize(rounds):
@@ -330,7 +357,7 @@ def run(args):
               "preset": preset_name, "batch": [batch_size, seq], "precision": precision,
               "strategy": args.strategy, "units_per_group": args.units_per_group, "cycles": args.cycles,
               "rounds": args.rounds, "gradient_checkpointing": args.gradient_checkpointing,
-              "efficient_loss": efficient_loss,
+              "efficient_loss": efficient_loss, "compile": args.compile,
               "torch": torch.__version__, "params_M": None, "methods": {}}
     from transformers import LlamaForCausalLM
 
@@ -369,7 +396,8 @@ def _print(report):
           f"strategy {report['strategy']}, {report['units_per_group']} unit(s)/group, "
           f"{report['cycles']} timed cycle(s) x {report['rounds']} round(s)"
           + (", gradient checkpointing" if report["gradient_checkpointing"] else "")
-          + (", efficient loss (no full logits)" if report["efficient_loss"] else ""))
+          + (", efficient loss (no full logits)" if report["efficient_loss"] else "")
+          + (f", hift_rt.compile (backend {report['compile']})" if report["compile"] else ""))
     print(f"{'method':<22}{'groups':>7}{'step s':>9}{'min..max':>17}{'tok/s':>10}{'setup s':>9}"
           f"{'h2d GB/s':>10}{'exposed':>9}{'host fw+bw ms':>15}{'host step ms':>14}")
     for name, r in report["methods"].items():
@@ -398,6 +426,10 @@ def _print(report):
     for name, r in report["methods"].items():
         if ref and name.startswith("hift") and "step_s" in r:
             print(f"{name}: step time {r['step_s'] / ref:.2f} x full's")
+    for name, r in report["methods"].items():
+        if "graphs_warmup" in r:
+            print(f"{name}: warm-up cycle {r['warmup_s']:.2f} s (compiling included), {r['graphs_warmup']} graphs, "
+                  f"{r['graphs_timed']} compiled in the timed cycles")
     on, off = (report["methods"].get(m, {}).get("step_s") for m in ("hift-bf16", "hift-nooffload"))
     if on and off:
         print(f"offload on / off step time: {on / off:.3f}")

@@ -19,6 +19,11 @@ where the class has that option.
 
 For `Trainer(optimizers=(optimizer, None))` build the optimizer with `hift_optimizer(model, args)`.
 
+torch.compile: `torch_compile=True` (with `torch_compile_backend` / `torch_compile_mode`, or an
+accelerate config's dynamo backend) compiles through hift_rt.compile, one region per unit,
+instead of accelerate's whole-model torch.compile, whose graph would recompile at every step
+(each step changes which parameters require gradients).
+
 Under torchrun / accelerate launch, hift_rt owns the gradient synchronization: HiFTTrainer keeps
 DDP out (accelerate prepares the model as for evaluation: placed and autocast, but not wrapped in
 DistributedDataParallel, whose buckets would all-reduce every gradient of the groups trainable
@@ -37,6 +42,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..config import HiFTConfig
 from ..optimizer import HiFTOptimizer
+from ..regional import compile as compile_regions
 
 _RESERVED = ("lr", "no_decay", "max_grad_norm")
 
@@ -79,9 +85,30 @@ class HiFTTrainer(Trainer):
 
     def __init__(self, *args, hift_args: Optional[dict] = None, **kwargs):
         self.hift_args = dict(hift_args or {})
+        self.compile_kwargs: Optional[dict] = None  # torch.compile's arguments, when compiling
         super().__init__(*args, **kwargs)
         self.accelerator.prepare_model = _without_ddp(self.accelerator.prepare_model)
         self.accelerator.prepare_optimizer = _in_place(self.accelerator.prepare_optimizer)
+        if self.compile_kwargs is not None:
+            compile_regions(self.model, **self.compile_kwargs)
+        elif self.args.torch_compile:  # older transformers/accelerate: accelerate would compile the whole model
+            raise ValueError("HiFTTrainer compiles through hift_rt.compile, which needs Trainer to hand accelerate a "
+                             "dynamo plugin (transformers with Trainer._build_accelerator_args, accelerate >= 1.2); "
+                             "upgrade them, or leave torch_compile off and call hift_rt.compile(model) yourself")
+
+    def _build_accelerator_args(self, **kwargs) -> dict:
+        """Trainer's accelerator arguments without its torch.compile: the dynamo plugin's
+        arguments (from torch_compile*, or accelerate's config) are kept for hift_rt.compile and
+        accelerate gets a plugin that compiles nothing."""
+        args = super()._build_accelerator_args(**kwargs)
+        plugin = args.get("dynamo_plugin")
+        if plugin is not None:
+            from accelerate.utils import DynamoBackend, TorchDynamoPlugin
+
+            if plugin.backend != DynamoBackend.NO:
+                self.compile_kwargs = plugin.to_kwargs()
+            args["dynamo_plugin"] = TorchDynamoPlugin(backend="no")
+        return args
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """Trainer's save, with the optimizer's state dict taken on every rank first: sharded
