@@ -98,6 +98,16 @@ class HiFTOptimizer(torch.optim.Optimizer):
     # itself (which torch refuses for fp16 parameters); see step().
     _step_supports_amp_scaling = True
 
+    def __new__(cls, model=None, config=None):
+        # A model sharded by FSDP2 (its parameters are DTensors) gets the optimizer that works on
+        # its local shards (hift_rt.fsdp); HiFTOptimizer(model, config) picks it. (Imported here:
+        # hift_rt.fsdp builds on this module.)
+        from . import fsdp
+
+        if cls is HiFTOptimizer and isinstance(model, nn.Module) and fsdp.is_fully_sharded(model):
+            cls = fsdp.FSDPHiFTOptimizer
+        return super().__new__(cls)
+
     def __init__(self, model: nn.Module, config: HiFTConfig):
         self._closed = True  # until fully built: close() and other wraps ignore a half-built one
         self._atomic = _AtomicSection()
@@ -105,6 +115,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(config, HiFTConfig):
             raise TypeError("HiFTOptimizer(model, config) takes a HiFTConfig; use hift_rt.wrap(model, ...)")
+        from .fsdp import check_not_wrapped
+
+        check_not_wrapped(model)
         self.config = config
         _check_unclaimed(model)
         _thaw_copy(model)
@@ -120,23 +133,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
             raise ValueError(f"module(s) {sparse} have sparse=True; hift_rt needs dense gradients "
                              "(build the embedding with sparse=False)")
 
-        self._comm = distributed.resolve(config.process_group)
-        shards = self._comm.world if self._comm else 1
-        self.groups: List[FlatGroup] = []
-        for unit_group in cut:
-            self.groups.append(rehome(model, unit_group, config.no_decay, shards))
-            if self.device.type == "cuda":
-                # The group's old parameters are free now, each in its own segment of the caching
-                # allocator if the model was loaded tensor by tensor: give them back, so that the
-                # memory wrap reserves stays at the weights plus one group.
-                torch.cuda.empty_cache()
+        self._comm = self._communicator()
+        self.groups = self._build_groups(model, cut)
         if self._comm:
             self._comm.check_same(self._description())
-        self._gradients = GradientBuffer(max(group.numel for group in self.groups), self.dtype, self.device)
-        # This rank's share of the active group's gradient (data parallel, fused path).
-        sharded = self._comm is not None and config.family is not None
-        self._shard_grad = torch.empty(max(group.numel for group in self.groups) // shards if sharded else 0,
-                                       dtype=self.dtype, device=self.device)
+        self._make_gradients()
         self._steps = [0] * len(self.groups)
         self._rotation = Rotation(len(self.groups), config.strategy, config.seed)
         self._cycle_lr: Optional[float] = None  # lr_policy="cycle": the lr the current cycle applies
@@ -163,6 +164,30 @@ class HiFTOptimizer(torch.optim.Optimizer):
         model._hift_rt_managed = frozenset(name for name, _ in named)
         self._model_ref = weakref.ref(model)
         self._closed = False
+
+    def _communicator(self) -> Optional[distributed.Communicator]:
+        return distributed.resolve(self.config.process_group)
+
+    def _build_groups(self, model: nn.Module, cut) -> List[FlatGroup]:
+        """Each group re-homed into one flat buffer, padded to a whole share per data-parallel rank."""
+        shards = self._comm.world if self._comm else 1
+        groups = []
+        for unit_group in cut:
+            groups.append(rehome(model, unit_group, self.config.no_decay, shards))
+            if self.device.type == "cuda":
+                # The group's old parameters are free now, each in its own segment of the caching
+                # allocator if the model was loaded tensor by tensor: give them back, so that the
+                # memory wrap reserves stays at the weights plus one group.
+                torch.cuda.empty_cache()
+        return groups
+
+    def _make_gradients(self) -> None:
+        largest = max(group.numel for group in self.groups)
+        self._gradients = GradientBuffer(largest, self.dtype, self.device)
+        # This rank's share of the active group's gradient (data parallel, fused path).
+        sharded = self._comm is not None and self.config.family is not None
+        self._shard_grad = torch.empty(largest // self._comm.world if sharded else 0,
+                                       dtype=self.dtype, device=self.device)
 
     def _make_updater(self) -> Updater:
         config, active = self.config, self._rotation.active
