@@ -74,7 +74,7 @@ from torch import nn
 from . import distributed, grouping
 from .config import HiFTConfig
 from .families import SIGNED, slice_state
-from .flat import FlatGroup, aligned
+from .flat import PARAM_ALIGN, FlatGroup, aligned
 from .kernels import Q, dequantize, grad_norm
 from .optimizer import HiFTOptimizer
 from .state_store import StoredField, blob_nbytes, plan_device, StateStore
@@ -206,12 +206,14 @@ def local_numel(shape: Sequence[int], world: int, rank: int) -> int:
 # ---- a group over local shards -------------------------------------------------------------------
 
 def local_layout(numels: Sequence[int]) -> Tuple[List[int], int]:
-    """(offsets, numel) of the local layout: each shard at a multiple of PARAM_ALIGN."""
+    """(offsets, numel) of the local layout: each shard at a multiple of PARAM_ALIGN. A rank whose
+    shards of a group are all empty (a parameter with fewer rows than ranks) still gets
+    PARAM_ALIGN elements: the state store keeps no empty fields."""
     offsets, end = [], 0
     for n in numels:
         offsets.append(end)
         end = aligned(end + n)
-    return offsets, end
+    return offsets, max(end, PARAM_ALIGN)
 
 
 def _decayed_first(named, no_decay):
@@ -621,8 +623,21 @@ class FSDPHiFTOptimizer(HiFTOptimizer):
         found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
         if found_inf is not None:
-            self._all_reduce(found_inf, op=dist.ReduceOp.MAX)  # every rank skips, or none
-            if bool(found_inf.item()):
+            # (inf/NaN here, none here), the max over ranks: both set when some ranks saw one and
+            # others did not, as a scaler that checked this rank's shards alone would report it.
+            here = (found_inf.reshape(()) > 0).float()
+            flags = torch.stack([here, 1 - here])
+            self._all_reduce(flags, op=dist.ReduceOp.MAX)
+            anywhere, somewhere_not = flags.tolist()
+            if anywhere and somewhere_not:
+                raise RuntimeError(
+                    "inf/NaN gradients reported on some ranks only: the scaler checked each rank's gradient shards "
+                    "alone, so its update() would lower the loss scale on those ranks only, and the ranks would "
+                    "scale their losses differently from then on. torch.amp.GradScaler agrees over the ranks on "
+                    "FSDP2's gradients (DTensors); another scaler must agree on found_inf before step() "
+                    "(torch.distributed.fsdp.sharded_grad_scaler.ShardedGradScaler: call scaler.unscale_(opt) "
+                    "first). The step was not taken.")
+            if anywhere:  # every rank skips the step (no update, no rotation)
                 return
         group = self.groups[self._rotation.active]
         group.check_not_moved(self.device, self.dtype)
