@@ -31,11 +31,14 @@ state needs whole blocks of 128 elements: a local shard whose length is not a mu
 one-block scratch copy; the elements past the shard are zero in weight and gradient and keep a
 zero state, as the alignment gaps of a flat buffer do.
 
-FSDP2 computes each module's reduce dtype (MixedPrecisionPolicy) from the parameters that require
-grad when it initializes lazily: a module frozen then would later reduce in the compute dtype,
-and fail to assign the gradient. So each time a group becomes active (or frozen) hift_rt has
-FSDP2 recompute it for the modules holding the group (FSDPParamGroup._init_mp_dtypes, the only
-private call; made only for modules with a MixedPrecisionPolicy).
+What of FSDP2 is used: the sharded parameters (DTensors: `_local_tensor` is this rank's shard,
+updated in place as torch.optim updates DTensors), their `.grad`, `requires_grad`, and, read at
+wrap, which fully_shard unit and FSDP parameter group holds each parameter
+(FSDPModule._get_fsdp_state()). One private method is called: FSDP2 computes each module's reduce
+dtype (MixedPrecisionPolicy) from the parameters that require grad when it initializes lazily,
+so a module frozen then would later reduce in the compute dtype and fail to assign the gradient;
+each time a group becomes active (or frozen) hift_rt has FSDP2 recompute it for the modules
+holding the group (FSDPParamGroup._init_mp_dtypes; only for modules with a MixedPrecisionPolicy).
 
 Checkpoints.
 - `state_dict()` / `load_state_dict()`: the single-GPU layout (full tensors per parameter), a
@@ -76,7 +79,7 @@ from .config import HiFTConfig
 from .families import SIGNED, slice_state
 from .flat import PARAM_ALIGN, FlatGroup, aligned
 from .kernels import Q, dequantize, grad_norm
-from .optimizer import HiFTOptimizer
+from .optimizer import STATE_DICT_VERSION, HiFTOptimizer
 from .state_store import StoredField, blob_nbytes, plan_device, StateStore
 from .updaters import FusedUpdater, ParamState, Updater
 
@@ -475,31 +478,28 @@ class ShardedUpdater(FusedUpdater):
 
     # -- the sharded (DCP) state -----------------------------------------------------------------
     def sharded_entries(self, group: ShardedGroup, mesh, template: bool) -> Dict[str, dict]:
-        """name -> {"step": 0-d tensor, field: DTensor placed like the parameter, ...} for every
-        parameter (step 0: never updated, initial state). template=False: the state as it is now
-        (views of the store where it keeps the field as is); True: new tensors to load into."""
+        """name -> {"step": 0-d tensor, field: DTensor placed like the parameter on `mesh`, ...}
+        for every parameter (step 0: never updated, initial state). template=False: the state as
+        it is now (views of host memory where the store keeps it there); True: new tensors to load
+        into."""
         fields = None if template else self.store.read(group.index)
         out = {}
         for (name, p, off, n), step in zip(group.slices(), self.param_steps[group.index]):
-            shape = tuple(p._local_tensor.shape)
-            rows, per_row = _rows(p.shape)
-
-            def placed(local, global_shape):
-                stride = tuple(math.prod(global_shape[i + 1:]) for i in range(len(global_shape)))
-                return DTensor.from_local(local, mesh, (Shard(0),), run_check=False, shape=global_shape, stride=stride)
-
+            shape, global_shape = tuple(p._local_tensor.shape), tuple(p.shape)
+            rows, per_row = _rows(global_shape)
             entry = {"step": torch.tensor(0.0 if template else float(step))}
             for f in self.fields:
                 if f.per > 1:
-                    continue
-                if f.dtype == torch.uint8 and not _blocks_follow_rows(p.shape):
-                    entry[f.name] = placed(self._int8_values(fields, f.name, off, n, template).view(shape), tuple(p.shape))
+                    continue  # an int8 moment's scales go with it
+                if f.dtype == torch.uint8 and not _blocks_follow_rows(global_shape):
+                    entry[f.name] = _placed(self._int8_values(fields, f.name, off, n, template).view(shape),
+                                            global_shape, mesh)
                     continue
                 local = torch.empty(n, dtype=f.dtype) if template else fields[f.name][off:off + n]
-                entry[f.name] = placed(local.view(shape), tuple(p.shape))
-                if f.dtype == torch.uint8:  # one scale per 128 elements of a row, sharded by rows
+                entry[f.name] = _placed(local.view(shape), global_shape, mesh)
+                if f.dtype == torch.uint8:  # one scale per 128 elements of a row: sharded by rows too
                     absmax = torch.empty(n // Q) if template else fields[f.name + "_absmax"][off // Q:(off + n) // Q]
-                    entry[f.name + "_absmax"] = placed(absmax.view(shape[0], per_row // Q), (rows, per_row // Q))
+                    entry[f.name + "_absmax"] = _placed(absmax.view(shape[0], per_row // Q), (rows, per_row // Q), mesh)
             out[name] = entry
         return out
 
@@ -527,6 +527,13 @@ class ShardedUpdater(FusedUpdater):
                     local[key] = value._local_tensor.reshape(-1)
             entries.append(local)
         return entries
+
+
+def _placed(local: torch.Tensor, global_shape: Tuple[int, ...], mesh) -> "DTensor":
+    """`local` (this rank's rows, moved to host memory) as a Shard(0) DTensor of `global_shape` on
+    the CPU mesh `mesh`: what torch.distributed.checkpoint saves and reshards."""
+    stride = tuple(math.prod(global_shape[i + 1:]) for i in range(len(global_shape)))
+    return DTensor.from_local(local.to("cpu"), mesh, (Shard(0),), run_check=False, shape=global_shape, stride=stride)
 
 
 def _blocks_follow_rows(shape: Sequence[int]) -> bool:
@@ -678,7 +685,7 @@ class FSDPHiFTOptimizer(HiFTOptimizer):
         """The rotation, the step counts and the options, serialized (one opaque item for DCP)."""
         saved = {k: v for k, v in self.param_groups[0].items() if k != "params"}
         saved["params"] = list(range(len(self._index)))
-        hift = {"version": 2, "optim": self.config.optim_name, "master_weights": self.master_weights,
+        hift = {"version": STATE_DICT_VERSION, "optim": self.config.optim_name, "master_weights": self.master_weights,
                 "state_dtype": self.config.state_dtype, "groups": [[n for n, _ in g.params] for g in self.groups],
                 "group_steps": list(self._steps), "rotation": self._rotation.state_dict(),
                 "cycle_lr": self._cycle_lr, "cycle_lr_of": self._cycle_lr_of, "complete": True,
@@ -737,11 +744,14 @@ class FSDPHiFTOptimizer(HiFTOptimizer):
 
             meta = torch.load(io.BytesIO(read({"meta": b""})["meta"]), weights_only=True)
             hift = meta.get("hift", {})
+            if hift.get("sharded") != SHARDED_VERSION:
+                raise ValueError(f"{key!r} in this checkpoint is not a sharded_state_dict() of version {SHARDED_VERSION}")
+            # The rotation, the step counts, the options and the group layout, checked as for state_dict().
+            plan = self._check_state_dict({"state": {}, "param_groups": meta["param_groups"], "hift": hift})
             for name, ours in (("state_dtype", self.config.state_dtype), ("master_weights", self.master_weights)):
-                if hift.get(name) != ours and hift.get("optim") == self.config.optim_name:
+                if hift.get(name) != ours:
                     raise ValueError(f"the checkpoint was saved with {name}={hift.get(name)!r}, this optimizer runs "
                                      f"{ours!r}: wrap with the saved one to load it (or convert through state_dict())")
-            plan = self._check_state_dict({"state": {}, "param_groups": meta["param_groups"], "hift": hift})
             mesh = self._checkpoint_mesh()
 
             def entries_of(group):

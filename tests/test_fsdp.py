@@ -122,6 +122,11 @@ def test_a_dcp_checkpoint_from_two_ranks_resumes_on_three(suites, tmp_path_facto
     the full state_dict() instead gives the same state. Training on continues the 2-rank run."""
     r = suites[3]["resume"]
     assert r["dcp_vs_full_max_abs"] == 0.0
+    for report in suites[3]["ranks"]:  # a NaN in rank 1's shard is refused on every rank, as another format
+        refused = report["resume"]["refused"]
+        assert "model.layers.0.self_attn.q_proj.weight" in refused["corrupt"] and "non-finite" in refused["corrupt"]
+        assert "state_dtype='int8'" in refused["fp32_state"]
+        assert refused["unchanged"]
     for name, (error, largest) in r["dcp_vs_saved"].items():
         reblocked = name.split(".weight.")[1] in ("exp_avg", "exp_avg_sq") and ("down_proj" in name or "norm" in name)
         assert error <= largest / 32 if reblocked else error == 0.0, name
