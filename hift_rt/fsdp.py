@@ -15,7 +15,10 @@ adds HiFT on top, through FSDP2's public behaviour, and never touches FSDP2's bu
   host memory; every format (fp32, bf16, int8; fp32 master, Kahan) as on one GPU.
 - step() updates the local shards in place with the fused kernels, unchanged. Clipping takes the
   norm over every shard (each rank's sum of squared local norms, all-reduced: one scalar on the
-  device); a GradScaler's found_inf is all-reduced (max), so every rank skips a step or none.
+  device). A GradScaler's found_inf must be the same on every rank (torch.amp.GradScaler's is: it
+  checks DTensor gradients over the mesh), or the ranks' loss scales would drift apart: step()
+  checks that with one all-reduce and raises on every rank otherwise; every rank skips a step
+  with inf/NaN gradients, or none.
 
 Local layout. A group's state is one flat buffer per field over the group's *local layout*: its
 parameters (decayed ones first), each one's local shard (n_i elements) starting at a multiple of
@@ -24,8 +27,9 @@ gradients stay where FSDP2 keeps them: every sharded parameter is its own alloca
 gradients of a module view its reduce-scatter output. Re-homing them into one flat buffer, as on
 one GPU, would replace FSDP2's storage behind its back, so the update launches once per parameter
 and state chunk over the parameter's local shard and its slice of the state: 9 launches for a
-Llama block instead of 1, a few microseconds each on a GPU, against an update that moves about
-30 B for each of a 70B layer's 107 M local elements (8 ranks; about 1 ms at 3 TB/s). An int8
+Llama block instead of 1 (per chunk of the window), tens of microseconds of host time each,
+against an update that moves about 30 B for each of a 70B layer's 107 M local elements (8 ranks;
+about 1 ms at 3 TB/s), queued without a host sync. An int8
 state needs whole blocks of 128 elements: a local shard whose length is not a multiple of 128
 (odd or tiny shapes; no weight of a 70B model) updates its last, partial block through a
 one-block scratch copy; the elements past the shard are zero in weight and gradient and keep a

@@ -118,7 +118,10 @@ def equivalence(rank, world, names):
                 if isinstance(module, FSDPModule):
                     module.set_custom_reduce_scatter(CountingReduceScatter(log))
             opt.step = _logging_step(opt, log, active)
-        (train_mlp(model, opt, data, part=rank) if is_mlp else train(model, opt, data, part=rank, world=world))
+        if is_mlp:
+            train_mlp(model, opt, data, part=rank)
+        else:
+            train(model, opt, data, part=rank, world=world)
         if name == "bottom_up":
             figures["reduce_scatter_bytes"] = active
             figures["group_bytes"] = [sum(p.numel() for _, p in group.params) * 4 for group in opt.groups]
@@ -144,7 +147,10 @@ def equivalence(rank, world, names):
         else:
             reference = build(config)
             ref_opt = wrap(reference, config, process_group=False)
-            (train_mlp(reference, ref_opt, data) if is_mlp else train(reference, ref_opt, data))
+            if is_mlp:
+                train_mlp(reference, ref_opt, data)
+            else:
+                train(reference, ref_opt, data)
             reference_weights = weights(reference)
         error = (trained - reference_weights).abs()
         if config.get("dtype") == torch.bfloat16:  # less the reference weight's ulp (see tests/test_fsdp.py)
