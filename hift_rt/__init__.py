@@ -10,7 +10,8 @@ Nothing here touches CUDA at import time.
 """
 from .config import HiFTConfig
 from .loss import efficient_lm_loss
-from .optimizer import HiFTOptimizer, wrap
+from .api import wrap
+from .optimizer import HiFTOptimizer
 from .regional import compile
 
 __version__ = "0.1.0"

@@ -152,16 +152,18 @@ class HiFTConfig:
         offload = device.type == "cuda" if self.offload == "auto" else self.offload
         return master, bool(offload)
 
-    def window_bytes(self, device: torch.device) -> Optional[int]:
+    def window_bytes(self, device: torch.device, total_memory: Optional[int] = None) -> Optional[int]:
         """The device bytes an offloaded group's state may stream through (None: the whole group).
 
-        "auto": on CUDA 1/64 of the card's memory, at least 64 MiB and at most 1 GiB (256 MiB on a
-        16 GB card, 384 MiB on 24 GB, 1 GiB on 80 GB and more); a group whose state fits keeps it
-        whole. Elsewhere the whole group (the host backend has no device memory to save).
+        "auto": on CUDA 1/64 of the card's memory (`total_memory`, by default the card's own), at
+        least 64 MiB and at most 1 GiB (256 MiB on a 16 GB card, 384 MiB on 24 GB, 1 GiB on 80 GB
+        and more); a group whose state fits keeps it whole. Elsewhere the whole group (the host
+        backend has no device memory to save).
         """
         if self.state_window != "auto":
             return self.state_window
         if device.type != "cuda":
             return None
-        total = torch.cuda.get_device_properties(device).total_memory
-        return min(max(total // 64, 64 << 20), 1 << 30)
+        if total_memory is None:
+            total_memory = torch.cuda.get_device_properties(device).total_memory
+        return min(max(total_memory // 64, 64 << 20), 1 << 30)

@@ -40,6 +40,7 @@ from .regional import warn_if_whole_model_compiled
 from .rotation import Rotation
 from .state_store import StateStore
 from .updaters import MAX_STEP, FusedUpdater, TorchClassUpdater, Updater, updates_of
+from .wrappers import check_not_wrapped, is_fully_sharded
 
 STATE_DICT_VERSION = 2
 
@@ -108,6 +109,10 @@ class HiFTOptimizer(torch.optim.Optimizer):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(config, HiFTConfig):
             raise TypeError("HiFTOptimizer(model, config) takes a HiFTConfig; use hift_rt.wrap(model, ...)")
+        check_not_wrapped(model)
+        if is_fully_sharded(model) and type(self) is HiFTOptimizer:
+            raise ValueError("the model's parameters are FSDP2 DTensors: build the optimizer with hift_rt.wrap, "
+                             "which returns hift_rt.fsdp.FSDPHiFTOptimizer for them")
         self.config = config
         warn_if_whole_model_compiled(model)
         _check_unclaimed(model)
@@ -124,23 +129,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
             raise ValueError(f"module(s) {sparse} have sparse=True; hift_rt needs dense gradients "
                              "(build the embedding with sparse=False)")
 
-        self._comm = distributed.resolve(config.process_group)
-        shards = self._comm.world if self._comm else 1
-        self.groups: List[FlatGroup] = []
-        for unit_group in cut:
-            self.groups.append(rehome(model, unit_group, config.no_decay, shards))
-            if self.device.type == "cuda":
-                # The group's old parameters are free now, each in its own segment of the caching
-                # allocator if the model was loaded tensor by tensor: give them back, so that the
-                # memory wrap reserves stays at the weights plus one group.
-                torch.cuda.empty_cache()
+        self._comm = self._communicator()
+        self.groups = self._build_groups(model, cut)
         if self._comm:
             self._comm.check_same(self._description())
-        self._gradients = GradientBuffer(max(group.numel for group in self.groups), self.dtype, self.device)
-        # This rank's share of the active group's gradient (data parallel, fused path).
-        sharded = self._comm is not None and config.family is not None
-        self._shard_grad = torch.empty(max(group.numel for group in self.groups) // shards if sharded else 0,
-                                       dtype=self.dtype, device=self.device)
+        self._make_gradients()
         self._steps = [0] * len(self.groups)
         self._rotation = Rotation(len(self.groups), config.strategy, config.seed)
         self._cycle_lr: Optional[float] = None  # lr_policy="cycle": the lr the current cycle applies
@@ -167,6 +160,30 @@ class HiFTOptimizer(torch.optim.Optimizer):
         model._hift_rt_managed = frozenset(name for name, _ in named)
         self._model_ref = weakref.ref(model)
         self._closed = False
+
+    def _communicator(self) -> Optional[distributed.Communicator]:
+        return distributed.resolve(self.config.process_group)
+
+    def _build_groups(self, model: nn.Module, cut) -> List[FlatGroup]:
+        """Each group re-homed into one flat buffer, padded to a whole share per data-parallel rank."""
+        shards = self._comm.world if self._comm else 1
+        groups = []
+        for unit_group in cut:
+            groups.append(rehome(model, unit_group, self.config.no_decay, shards))
+            if self.device.type == "cuda":
+                # The group's old parameters are free now, each in its own segment of the caching
+                # allocator if the model was loaded tensor by tensor: give them back, so that the
+                # memory wrap reserves stays at the weights plus one group.
+                torch.cuda.empty_cache()
+        return groups
+
+    def _make_gradients(self) -> None:
+        largest = max(group.numel for group in self.groups)
+        self._gradients = GradientBuffer(largest, self.dtype, self.device)
+        # This rank's share of the active group's gradient (data parallel, fused path).
+        sharded = self._comm is not None and self.config.family is not None
+        self._shard_grad = torch.empty(largest // self._comm.world if sharded else 0,
+                                       dtype=self.dtype, device=self.device)
 
     def _make_updater(self) -> Updater:
         config, active = self.config, self._rotation.active
@@ -536,36 +553,3 @@ def _thaw_copy(model: nn.Module) -> None:
         if name in managed and (owner is None or owner() is None or owner()._closed):
             p.requires_grad_(True)
 
-
-def wrap(model: nn.Module, optim: Union[str, type] = "adamw", **arguments) -> HiFTOptimizer:
-    """Turn `model` into a HiFT fine-tuning set-up; returns its optimizer.
-
-    Call it after the model is on its device and dtype. The model stays a plain nn.Module.
-
-    optim: "adamw", "adam", "adagrad", "sgd" (fused kernels), or a torch.optim.Optimizer subclass
-        run per group over the group's flat tensor (its state offloaded like ours).
-    lr (required): the learning rate (param_groups[0]["lr"], which schedulers drive).
-    strategy: "bottom_up" (default), "top_down" or "random" (a fresh permutation per cycle, from `seed`).
-    units_per_group: consecutive units (input side, each block, output side) per group (default 1).
-    groups: lists of parameter-name prefixes, one list per group, bottom to top (overrides units).
-    offload: "auto" (state of inactive groups in pinned host memory when on CUDA), True, False.
-    lr_policy: "step" (default: every step applies the scheduled lr) or "cycle" (HiFT's per-cycle
-        lr: a cycle holds the largest lr scheduled so far in it, i.e. its first value while the
-        schedule decays and the schedule itself while it rises, as in a warmup from 0).
-    max_grad_norm: clip the active group's gradient to this norm (computed on the device).
-    no_decay: parameter-name substrings that get no weight decay, e.g. ("bias", "norm"), or a
-        function name -> bool.
-    master_weights: for bf16/fp16 parameters, "fp32" (an fp32 master copy; True and "auto" mean
-        it too), "kahan" (a compensation buffer in the parameters' dtype: parameter +
-        compensation tracks the fp32 trajectory closely at 2 bytes per parameter) or False (plain
-        low-precision updates: lossy). fp32 parameters are their own master.
-    state_dtype: how the fused optimizers store their moments: "fp32" (default), "bf16", or
-        "int8" (blockwise 8-bit dynamic code, one fp32 absmax per 128 elements).
-    seed: the random order's seed.
-    state_window: with offload, the device bytes an offloaded group's state streams through:
-        "auto" (see HiFTConfig.window_bytes), None (the whole largest group's state on the
-        device, as one slot), or a byte count. A torch.optim class keeps whole groups.
-    Any other keyword is the optimizer's own option, with torch's names and defaults (betas, eps,
-    weight_decay, momentum, ...). See HiFTConfig.
-    """
-    return HiFTOptimizer(model, HiFTConfig.from_arguments(optim, **arguments))

@@ -72,6 +72,35 @@ def _views(blob: torch.Tensor, fields: List[StoredField]) -> Dict[str, torch.Ten
     return {f.name: blob[off:off + f.nbytes].view(f.dtype) for f, off in zip(fields, offsets)}
 
 
+def blob_nbytes(fields: List[StoredField]) -> int:
+    """Bytes of a group's blob: its fields one after the other, each FIELD_ALIGN-aligned. Offloaded,
+    each group's host buffer holds its blob (at least 1 byte); without offload each field is a
+    device tensor of its aligned size."""
+    return _offsets(fields)[1]
+
+
+def plan_device(fields_per_group: List[List[StoredField]], window_bytes: Optional[int],
+                ring: int) -> Tuple[int, int, int, int]:
+    """Offloaded state's device memory for groups with these fields: (R ring buffers, E elements
+    per chunk, bytes per ring buffer, bytes in all). The window (R <= `ring` buffers of E elements
+    of every field, E a multiple of 256) when `window_bytes` is given and the largest blob does
+    not fit in it; otherwise the whole-group slot: (0, 0, 0, the largest blob's bytes). Pure
+    arithmetic, so memory can be planned for a model that is never built (hift_rt.fsdp)."""
+    largest = max(blob_nbytes(fields) for fields in fields_per_group)
+    if window_bytes is None or largest <= window_bytes:
+        return 0, 0, 0, largest
+    per_element = max(sum(f.dtype.itemsize / f.per for f in fields) for fields in fields_per_group)
+    smallest_chunk = 256 * per_element  # chunks hold whole parameter alignments
+    if window_bytes < smallest_chunk:
+        raise ValueError(f"state_window={window_bytes} bytes is too small: it must hold at least one "
+                         f"chunk of 256 elements at {per_element:g} bytes each ({int(smallest_chunk)} bytes)")
+    buffers = max(1, min(ring, int(window_bytes // smallest_chunk)))
+    chunk = int(window_bytes // buffers // per_element) // 256 * 256
+    buffer_bytes = max(sum(_aligned(-(-chunk // f.per) * f.dtype.itemsize) for f in fields)
+                       for fields in fields_per_group)
+    return buffers, chunk, buffer_bytes, buffers * buffer_bytes
+
+
 def _part(f: StoredField, start: int, end: int) -> Tuple[int, int]:
     """The elements of field f that cover group elements [start, end)."""
     return start // f.per, min(f.numel, -(-end // f.per))
@@ -173,23 +202,10 @@ class StateStore:
             view.copy_(values[name].reshape(-1))
 
     def start(self, active: int, window_bytes: Optional[int] = None) -> None:
-        """Offloaded, after every group is defined: allocate the device memory and bring the
-        active group's state in. The window is used when `window_bytes` is given and the largest
-        blob does not fit in it; the whole-group slot otherwise."""
-        largest = max(self.nbytes(g) for g in range(len(self._fields)))
-        if window_bytes is not None and largest > window_bytes:
-            per_element = max(sum(f.dtype.itemsize / f.per for f in fields) for fields in self._fields)
-            smallest_chunk = 256 * per_element  # chunks hold whole parameter alignments
-            if window_bytes < smallest_chunk:
-                raise ValueError(f"state_window={window_bytes} bytes is too small: it must hold at least one "
-                                 f"chunk of 256 elements at {per_element:g} bytes each ({int(smallest_chunk)} bytes)")
-            self.ring = max(1, min(self.RING, int(window_bytes // smallest_chunk)))
-            self.chunk_elements = int(window_bytes // self.ring // per_element) // 256 * 256
-            self._ring_bytes = max(sum(_aligned(-(-self.chunk_elements // f.per) * f.dtype.itemsize) for f in fields)
-                                   for fields in self._fields)
-            self._slot = torch.zeros(self.ring * self._ring_bytes, dtype=torch.uint8, device=self.device)
-        else:
-            self._slot = torch.zeros(largest, dtype=torch.uint8, device=self.device)
+        """Offloaded, after every group is defined: allocate the device memory (see plan_device)
+        and bring the active group's state in."""
+        self.ring, self.chunk_elements, self._ring_bytes, slot = plan_device(self._fields, window_bytes, self.RING)
+        self._slot = torch.zeros(slot, dtype=torch.uint8, device=self.device)
         self.load(active)
 
     # -- views -------------------------------------------------------------------------------

@@ -242,10 +242,10 @@ class FusedUpdater(Updater):
         block). Anything else names the parameter and the field."""
         super().check_group_state(group, entries)
         moments = self.family.state_names(self.wrap_options)
-        float_dtypes = {torch.float32, torch.bfloat16, group.flat.dtype}
         for (name, p), entry in zip(group.params, entries):
             if entry is None:
                 continue
+            float_dtypes = {torch.float32, torch.bfloat16, p.dtype}
             known = {*moments, *(m + "_absmax" for m in moments), "master", "compensation"}
             if self.family.has_step:
                 known.add("step")
@@ -274,7 +274,7 @@ class FusedUpdater(Updater):
                     continue
                 if tuple(value.shape) != tuple(p.shape):
                     raise ValueError(f"{what} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}")
-                expected = {"master": {torch.float32}, "compensation": {group.flat.dtype}}.get(
+                expected = {"master": {torch.float32}, "compensation": {p.dtype}}.get(
                     key, float_dtypes | {torch.uint8})
                 if value.dtype not in expected:
                     raise ValueError(f"{what} has dtype {value.dtype}; expected one of "

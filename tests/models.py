@@ -6,11 +6,12 @@ import torch
 from torch import nn
 
 
-def tiny_llama(seed=0, layers=4):
+def tiny_llama(seed=0, layers=4, hidden_size=16, intermediate_size=32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                      max_position_embeddings=32)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     model.config.use_cache = False

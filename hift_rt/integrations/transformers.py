@@ -28,8 +28,8 @@ Under torchrun / accelerate launch, hift_rt owns the gradient synchronization: H
 DDP out (accelerate prepares the model as for evaluation: placed and autocast, but not wrapped in
 DistributedDataParallel, whose buckets would all-reduce every gradient of the groups trainable
 when it is built and miss the others), and the optimizer reduce-scatters the active group's
-gradient itself (see hift_rt.distributed). FSDP and DeepSpeed configurations are not for
-HiFTTrainer. Checkpoints: every rank takes part in
+gradient itself (see hift_rt.distributed). FSDP and DeepSpeed configurations, and models sharded
+by FSDP2, are refused (_NOT_SHARDED says what works instead). Checkpoints: every rank takes part in
 the optimizer's state_dict (a collective when the state is sharded), rank 0 writes it, and every
 rank loads it on resume, with any number of ranks.
 """
@@ -43,8 +43,17 @@ from transformers import Trainer, TrainingArguments
 from ..config import HiFTConfig
 from ..optimizer import HiFTOptimizer
 from ..regional import compile as compile_regions
+from ..wrappers import is_fully_sharded
 
 _RESERVED = ("lr", "no_decay", "max_grad_norm")
+_NOT_SHARDED = (
+    "HiFTTrainer runs without FSDP and DeepSpeed: accelerate's FSDP plugin builds its own sharded parameters "
+    "and re-points the optimizer at them, and Trainer saves models with safetensors, which cannot hold FSDP2's "
+    "sharded (DTensor) parameters. What works: HiFTTrainer under torchrun / accelerate launch without an "
+    "FSDP or DeepSpeed config (hift_rt shards the optimizer state over the ranks itself), or, for a model "
+    "whose weights do not fit one GPU, torch.distributed.fsdp.fully_shard (each block, then the root) and "
+    "hift_rt.wrap in your own training loop, with checkpoints through torch.distributed.checkpoint "
+    "(opt.sharded_state_dict(); README: HiFT over FSDP2)")
 
 
 def hift_optimizer(model, args: TrainingArguments, decay_names: Optional[Iterable[str]] = None,
@@ -86,7 +95,13 @@ class HiFTTrainer(Trainer):
     def __init__(self, *args, hift_args: Optional[dict] = None, **kwargs):
         self.hift_args = dict(hift_args or {})
         self.compile_kwargs: Optional[dict] = None  # torch.compile's arguments, when compiling
+        model = kwargs.get("model", args[0] if args else None)
+        training = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if is_fully_sharded(model) or training is not None and (training.fsdp or training.deepspeed):
+            raise ValueError(_NOT_SHARDED)
         super().__init__(*args, **kwargs)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # set by `accelerate launch` with such a config
+            raise ValueError(_NOT_SHARDED)
         self.accelerator.prepare_model = _without_ddp(self.accelerator.prepare_model)
         self.accelerator.prepare_optimizer = _in_place(self.accelerator.prepare_optimizer)
         if self.compile_kwargs is not None:
