@@ -47,6 +47,7 @@ from typing import NamedTuple
 import torch
 
 from .. import methods
+from .memory_rule import MASTER_BYTES, MOMENT_BYTES
 from ..engine import EngineError
 
 GiB = 2 ** 30
@@ -172,12 +173,6 @@ def host_rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-# Bytes per element of a moment in each state_dtype (int8: a code, and one fp32 absmax per 128)
-# and of each master_weights format; "auto" is an fp32 master for bf16/fp16 weights.
-MOMENT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1 + 4 / 128}
-MASTER_BYTES = {"fp32": 4, "kahan": 2}
 
 
 def state_bytes_needed(model, dtype, settings: methods.Settings) -> int:
