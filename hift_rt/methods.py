@@ -716,11 +716,16 @@ class AdaLomo(_Peer):
         super().__init__(model, settings)
         from lomo_optim import AdaLomo as Package
 
+        class Fused(Package):
+            def step(self, closure=None):
+                """Nothing: the update ran in the backward pass; called once per update, as torch's
+                LR schedulers expect of an optimizer."""
+
         for p in self.params:  # registered first, so each runs before the package's update hook
             self._handles.append(p.register_hook(lambda grad: self._record(incoming=[grad])))
         clip = settings.max_grad_norm if self.options["clip_grad_norm"] else None
         with _cuda_means(self._device()):
-            self.optimizer = Package(model, lr=settings.lr, weight_decay=settings.weight_decay, clip_grad_norm=clip)
+            self.optimizer = Fused(model, lr=settings.lr, weight_decay=settings.weight_decay, clip_grad_norm=clip)
         self._package_hooks = [(p, key) for p in self.params for key, hook in p._backward_hooks.items()
                                if hook is self.optimizer.grad_func]
         self._updated = False
@@ -736,6 +741,7 @@ class AdaLomo(_Peer):
         self._updated = True
 
     def update(self) -> None:
+        self.optimizer.step()
         self._updated = False
 
     def _state_tensors(self) -> List[torch.Tensor]:

@@ -13,7 +13,7 @@ hift_rt/methods.py says why):
              gradients b G; state S per element (fp32 weights, fp32 state: 8; bf16 weights add
              the master: 4 fp32, 2 kahan; int8 moments 2 (1 + 4/128)): S G on the device (the
              whole-group slot; a smaller state_window bounds it) and S (sum of G) in host memory
-             with offload, all of it on the device without
+             with offload (and "auto": these shapes run on a GPU), all of it on the device without
   badam      B = the largest block (a layer): fp32 gradients 4 B, state 8 B (fp32 m, v) + 4 B
              (the fp32 master copy)
   lisa       A = the parameters outside the layers, L = the largest layer, γ = layers:
@@ -79,7 +79,7 @@ def _hift(model, options: dict, b: int) -> dict:
     master = options.get("master_weights", "auto")
     if b != 4 and master is not False:
         per_element += MASTER_BYTES["fp32" if master in ("auto", True) else master]
-    if options.get("offload", "auto") is True:
+    if options.get("offload", "auto") in (True, "auto"):  # auto: on, as on the GPU these shapes need
         return {"gradients": b * max(sizes), "state_device": round(per_element * max(sizes)),
                 "state_host": round(per_element * sum(sizes))}
     return {"gradients": b * max(sizes), "state_device": round(per_element * sum(sizes)), "state_host": 0}
