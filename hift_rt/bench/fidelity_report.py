@@ -289,13 +289,15 @@ def plot(report: dict, path: str) -> None:
         method = row["method"]
         runs = grouped[(method, row["lr"], report["settings"]["steps"])]
         steps, loss_b = _mean_curve(runs, "loss_B")
-        style = {"label": f"{method} lr={row['lr']:g}", "color": plt.cm.tab20(i % 20)}
+        style = {"label": f"{method} lr={row['lr']:g}", "color": plt.cm.tab20((2 * i) % 20 + (i // 10) % 2)}
         by_step.plot(steps, loss_b, **style)
         by_time.plot([s * row["step_s"] for s in steps], loss_b, **style)
         forgetting.plot(*_mean_curve(runs, "loss_A"), **style)
         memory = row["memory_fraction"]
         if memory["device"] is not None:
             by_memory.plot([memory["device"]], [row["loss_B"]["mean"]], "o", color=style["color"])
+            by_memory.annotate(method, (memory["device"], row["loss_B"]["mean"]), fontsize=6,
+                               xytext=(3, 3), textcoords="offset points")
             if memory["host"]:
                 by_memory.plot([memory["device"], memory["device"] + memory["host"]], [row["loss_B"]["mean"]] * 2,
                                ":", color=style["color"])

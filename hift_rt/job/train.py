@@ -161,8 +161,6 @@ def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, ranks
                                 optim=args.optim, strategy=args.strategy, units_per_group=args.units_per_group,
                                 offload=args.offload, seed=args.seed, efficient_loss=efficient_loss,
                                 state_dtype=args.state_dtype, master_weights=MASTER_WEIGHTS[args.master])
-    if args.grad_accum > 1 and not methods.METHODS[method_name].accumulates:
-        raise JobError(f"{method_name} updates inside the backward pass: it cannot take --grad-accum {args.grad_accum}")
     try:
         method = methods.METHODS[method_name](model, settings)
     except ValueError as exc:  # wrap's and the methods' refusals name the problem
@@ -324,6 +322,9 @@ def train_and_report(args, ranks: Ranks) -> int:
     if args.compare and args.dtype == "fp16":
         raise JobError(f"--compare {args.compare} needs --dtype fp32 or bf16 (fp16 weights need the GradScaler only hift "
                        "takes)")
+    if args.compare and args.grad_accum > 1 and not methods.METHODS[args.compare].accumulates:
+        raise JobError(f"--compare {args.compare} updates inside the backward pass: it cannot take --grad-accum "
+                       f"{args.grad_accum}")
     if args.compare and methods.METHODS[args.compare].unavailable():
         log(f"note: --compare {args.compare} is unavailable, hift runs alone "
             f"({methods.METHODS[args.compare].unavailable()})")
