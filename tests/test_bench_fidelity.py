@@ -93,7 +93,7 @@ def test_merge_of_split_reports_gives_the_same_summary(micro, tmp_path):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("sgd", "must start with 'full' or 'hift'"),
+    ("sgd", "must start with one of full, lora, .*, hift, badam, lisa"),
     ("hift:upg", "is not key=value"),
     ("hift:upg=2,units_per_group=3", "given twice"),
     ("hift:seed=3", "set by the benchmark"),
@@ -101,6 +101,8 @@ def test_merge_of_split_reports_gives_the_same_summary(micro, tmp_path):
     ("hift:lr=1e-3/-1", "positive"),
     ("hift:dtype=int4", "dtype must be one of"),
     ("full:strategy=random", "full takes only"),
+    ("badam:rank=8", "badam has no option rank .its options: switch_every, switch_mode"),
+    ("lisa:seed=1", "set by the benchmark"),
 ])
 def test_bad_method_specs_are_named(spec, message):
     with pytest.raises(FidelityError, match=message):

@@ -1,7 +1,11 @@
-"""`python -m hift_rt.bench fidelity`: fine-tuning quality of hift against full fine-tuning.
+"""`python -m hift_rt.bench fidelity`: fine-tuning quality of hift against full fine-tuning and
+against the peers a user would pick instead to save memory.
 
-Does hift fine-tune as well as full fine-tuning, and with which settings? Held-out loss after
-fine-tuning, at equal steps, equal parameter updates and equal time, and forgetting.
+Does hift fine-tune as well as full fine-tuning, and as well as BAdam, LISA, GaLore, APOLLO,
+Adam-mini, AdaLomo or 8-bit AdamW at equal memory, equal steps and equal time? Held-out loss
+after fine-tuning, at equal steps, equal parameter updates and equal time, forgetting, steps to a
+target loss, time per step and the memory each method holds (hift_rt.methods' rule, counted from
+the tensors, and worked out for Llama-2-7B's shape by memory_rule.py).
 
 Stage 1 pretrains a small Llama (byte vocabulary, random init) with full AdamW on corpus A (pydoc
 topics); the checkpoint is cached on disk under a key of everything it depends on (model config,
@@ -9,34 +13,43 @@ steps, batch, lr, seed, precision, corpus A's hash, torch and transformers versi
 fine-tunes it on corpus B (standard-library source) with each method, each lr and each seed, and
 evaluates held-out loss on B and on A (forgetting) every `steps / evals` steps. See corpora.py.
 
-Methods are spec strings: `full` (torch AdamW over every parameter) or `hift` with wrap() options,
-e.g. `hift:strategy=random,upg=2,lr_policy=step`. `upg` means units_per_group; `lr=1e-3/3e-3`
-gives the method its own lr grid (else --lrs; the method's name in the report leaves it out, so
-reports with other grids merge); `dtype=bf16` casts the model's weights; every other key=value
-goes to `hift_rt.wrap` as it is (numbers, true/false and none are converted), so new wrap
-options (e.g. a compact state format) are methods without code changes here.
+Methods are spec strings `NAME[:key=value,...]`, NAME one of hift_rt.methods.METHODS (full,
+hift, lora, badam, lisa, galore, apollo, adam-mini, adalomo, adamw8bit, layerwise-sync); `--methods
+peers` is PEERS, every one of them at its published settings. `lr=1e-3/3e-3` gives the method its
+own lr grid (else --lrs; the method's name in the report leaves it out, so reports with other
+grids merge); `dtype=bf16` casts the model's weights; the other keys are the method's options
+(hift_rt.methods: e.g. `badam:switch_every=1`, `lisa:layers=1`, `galore:rank=16`), and for hift
+wrap's arguments as they are (`hift:strategy=random,upg=2,lr_policy=step`; `upg` means
+units_per_group; numbers, true/false and none are converted), so new wrap options are methods
+without code changes here. A method whose package is not installed is reported unavailable and
+left out; the others run.
 
 Every run shares the schedule: a linear warmup from 0 over ceil(warmup_ratio x steps) steps (as
 Trainer does), then cosine (or linear) decay to 0 at the run's last step; gradients clipped to
-norm 1, no weight decay, betas and eps torch's defaults; the same batches for every method at a
-given seed. hift runs --steps steps. Full fine-tuning runs --steps, --target-steps, and
-round(steps / k) for every group count k of the hift methods, each a run with its own schedule,
-so that each budget compares annealed losses:
-  equal steps    hift after T steps against full after T steps;
-  equal updates  hift after T steps against full after T / k steps (hift updates one of k
-                 groups per step, so ~1/k of the parameters);
-  equal time     hift after T steps against full's final loss interpolated (linearly in time)
-                 between the full runs whose times bracket hift's;
+norm 1 (AdaLomo: its update's RMS instead, as its authors recommend), no weight decay, the same
+batches for every method at a given seed. Every method but full runs --steps steps. Full
+fine-tuning runs --steps, --target-steps, and round(steps / k) for every group count k > 1 of the
+other methods (hift's groups, BAdam's blocks), each a run with its own schedule, so that each
+budget compares annealed losses:
+  equal steps    a method after T steps against full after T steps;
+  equal updates  a method that updates one of k groups per step (hift, BAdam, layerwise-sync)
+                 after T steps against full after T / k steps;
+  equal time     a method after T steps against full's final loss interpolated (linearly in
+                 time) between the full runs whose times bracket the method's;
   to target      the steps (and seconds) after which a run's held-out B loss first reaches full's
                  final loss after --target-steps steps (linear between evaluations).
 Time is steps x the run's step time (median over cycles of the mean step time in a cycle, first
 cycle excluded), evaluation excluded: robust to other work on a shared machine. The clock is wall
 time, except on a CPU with one thread (OMP_NUM_THREADS=1), where it is the process's CPU time:
 there it equals the wall time of an unloaded machine, and other processes do not inflate it.
-Full fine-tuning is always compared at its best lr for that budget (lowest mean over seeds).
+Full fine-tuning is always compared at its best lr for that budget (lowest mean over seeds);
+every method's lr is picked the same way: the lowest mean held-out B after T steps over its grid.
 
 The runs go one after another (--jobs N runs N processes on a CPU machine; set
 OMP_NUM_THREADS=1). --merge combines the runs of earlier --json files of the same setting.
+
+Owns: the presets, the runs, the command line. May call: hift_rt.methods (every method),
+memory_rule, corpora, fidelity_report, transformers (the model), matplotlib.
 """
 import contextlib
 import dataclasses
@@ -54,13 +67,23 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import corpora, fidelity_report
+from .. import methods as registry
+from . import corpora, fidelity_report, memory_rule
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ALIASES = {"upg": "units_per_group"}
 # Set identically for every method by the benchmark, so a method spec may not change them.
 SHARED = {"max_grad_norm": 1.0, "weight_decay": 0.0}
 RESERVED = tuple(SHARED) + ("seed", "optim")
+# `--methods peers`: full fine-tuning, hift with its state offloaded (as on a GPU: the memory the
+# table shows is the runtime's device and host parts) and every peer at its published settings,
+# BAdam also switching every step. The methods whose lr means something else than AdamW's have
+# a grid of their own, set for the tiny preset from 60-step trials (give lr= for another
+# preset): AdaLomo's lr is relative to each weight's RMS (0.01 and 0.03 beat 0.1 and AdamW's
+# 0.003), LoRA's adapters start from zero (0.01 beat 0.003), GaLore's and APOLLO's READMEs train
+# with 0.01 (0.003 and 0.01 within 1%); the others take --lrs.
+PEERS = ("full", "hift:offload=true", "lora:lr=1e-2/3e-2", "badam", "badam:switch_every=1", "lisa",
+         "galore:lr=3e-3/1e-2", "apollo:lr=3e-3/1e-2", "adam-mini", "adalomo:lr=1e-2/3e-2", "adamw8bit")
 PRETRAIN_SEED = 0
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 DEFAULT_CACHE = Path("~/.cache/hift_rt/fidelity")
@@ -105,10 +128,10 @@ class FidelityError(Exception):
 @dataclass(frozen=True)
 class Method:
     label: str                          # the spec as the user wrote it, without its lr grid
-    kind: str                           # "full" or "hift"
+    kind: str                           # its name in hift_rt.methods.METHODS
     lrs: Optional[Tuple[float, ...]]    # its own lr grid, or None for --lrs
     dtype: str                          # the weights' dtype, a key of DTYPES
-    options: Tuple[Tuple[str, object], ...]  # wrap() keyword arguments (hift)
+    options: Tuple[Tuple[str, object], ...]  # Settings.options (hift: wrap() keyword arguments)
 
 
 def _value(text: str):
@@ -137,10 +160,10 @@ def _lrs(texts: List[str], where: str) -> Tuple[float, ...]:
 
 
 def parse_method(spec: str) -> Method:
-    """`full[:lr=A/B,dtype=D]` or `hift[:key=value,...]` (see the module docstring)."""
+    """`NAME[:lr=A/B,dtype=D,key=value,...]` (see the module docstring)."""
     kind, _, rest = spec.strip().partition(":")
-    if kind not in ("full", "hift"):
-        raise FidelityError(f"method {spec!r}: must start with 'full' or 'hift'")
+    if kind not in registry.METHODS:
+        raise FidelityError(f"method {spec!r}: must start with one of {', '.join(registry.METHODS)}")
     fields, named = {}, []
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
@@ -159,10 +182,16 @@ def parse_method(spec: str) -> Method:
     for key in RESERVED:
         if key in fields:
             raise FidelityError(f"method {spec!r}: {key} is the same for every method and set by the benchmark")
-    if kind == "full" and fields:
-        raise FidelityError(f"method {spec!r}: full takes only lr= and dtype=, got {', '.join(fields)}")
+    options = {k: _value(v) for k, v in fields.items()}
+    cls = registry.METHODS[kind]
+    if options and not cls.OPTIONS and kind != "hift":
+        raise FidelityError(f"method {spec!r}: {kind} takes only lr= and dtype=, got {', '.join(fields)}")
+    try:
+        cls.check_options(options)
+    except ValueError as exc:
+        raise FidelityError(f"method {spec!r}: {exc}") from None
     label = ":".join([kind, ",".join(named)]) if named else kind
-    return Method(label, kind, lrs, dtype, tuple((k, _value(v)) for k, v in fields.items()))
+    return Method(label, kind, lrs, dtype, tuple(options.items()))
 
 
 @dataclass(frozen=True)
@@ -247,24 +276,28 @@ def heldout_loss(model, windows: torch.Tensor, setup: Setup) -> float:
     return total.item() / len(windows)
 
 
-def _train(model, opt, schedule, clip, batches: _Batches, steps: int, setup: Setup, evaluate=None):
-    """`steps` optimizer steps; returns each step's seconds and the evaluations (every
-    setup.eval_every steps and at the last; `evaluate(step, mean train loss since the previous
-    evaluation, seconds trained so far)` makes one). `clip`: parameters to clip (full), or None
-    (hift clips inside step())."""
+def _build_method(method: Method, model, lr: float, seed: int):
+    """`method` over `model` (hift_rt.methods), with the settings every run shares."""
+    settings = registry.Settings(lr=lr, seed=seed, options=method.options, **SHARED)
+    return registry.METHODS[method.kind](model, settings)
+
+
+def _train(method, schedule, batches: _Batches, steps: int, setup: Setup, evaluate=None):
+    """`steps` optimizer steps of `method` (hift_rt.methods' protocol); returns each step's
+    seconds and the evaluations (every setup.eval_every steps and at the last;
+    `evaluate(step, mean train loss since the previous evaluation, seconds trained so far)` makes
+    one)."""
     step_times, losses = [], []
     evals = [evaluate(0, None, 0.0)] if evaluate else []
     for step in range(1, steps + 1):
         batch = batches.next().to(setup.device)
         start = CLOCKS[setup.clock]()
+        method.before_forward(step - 1)
         with _autocast(setup):
-            loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(clip, SHARED["max_grad_norm"])
-        opt.step()
+            loss = method.model(input_ids=batch, labels=batch).loss
+        method.backward(loss)
+        method.update()
         schedule.step()
-        opt.zero_grad()
         losses.append(loss.item())  # waits for the compute stream only: the step is done
         step_times.append(CLOCKS[setup.clock]() - start)
         if evaluate and (step % setup.eval_every == 0 or step == steps):
@@ -280,29 +313,18 @@ def step_seconds(step_times, groups: int) -> float:
     return statistics.median(cycles[1:] if len(cycles) > 1 else cycles or step_times)
 
 
-def _full_optimizer(model, lr: float, device: str):
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=SHARED["weight_decay"],
-                             fused=device.startswith("cuda"))
-
-
-def _hift_optimizer(model, method: Method, lr: float, seed: int):
-    import hift_rt
-
-    return hift_rt.wrap(model, "adamw", lr=lr, seed=seed, **SHARED, **dict(method.options))
-
-
 def group_count(method: Method, setup: Setup) -> int:
-    """k: the groups hift makes of this model with the method's options (1 for full). Also the
-    check that wrap() accepts the options, before any run starts."""
-    if method.kind == "full":
-        return 1
+    """k: the steps in which the method visits each of its groups once (hift's groups, BAdam's
+    blocks; 1 for the methods that train everything every step). Also the check that the method
+    takes its options (hift: that wrap() does), before any run starts."""
     model = _build_model(setup.model_config, setup.device, DTYPES[method.dtype])
     try:
-        opt = _hift_optimizer(model, method, 1e-3, 0)
+        built = _build_method(method, model, 1e-3, 0)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise FidelityError(f"method {method.label!r}: hift_rt.wrap refused its options: {exc}") from None
-    k = len(opt.describe_groups())
-    opt.close()
+        refused = "hift_rt.wrap refused its options" if method.kind == "hift" else "refused its options"
+        raise FidelityError(f"method {method.label!r}: {refused}: {exc}") from None
+    k = built.groups
+    built.close()
     return k
 
 
@@ -330,11 +352,11 @@ def stage1(preset: Preset, setup: Setup, corpus_a: corpora.Corpus, cache_dir: Pa
         return {**meta, "key": key, "path": str(path), "cached": True}
     log(f"stage 1: pretraining on corpus A for {preset.pretrain_steps} steps (cached as {path})")
     model = _build_model(setup.model_config, setup.device, torch.float32)
-    opt = _full_optimizer(model, preset.pretrain_lr, setup.device)
+    full = _build_method(parse_method("full"), model, preset.pretrain_lr, PRETRAIN_SEED)
     batches = _Batches(corpus_a.train, setup.seq_len, setup.batch, PRETRAIN_SEED)
     start = time.perf_counter()
-    _train(model, opt, _schedule(opt, setup, preset.pretrain_steps), list(model.parameters()), batches,
-           preset.pretrain_steps, setup)
+    _train(full, _schedule(full.optimizer, setup, preset.pretrain_steps), batches, preset.pretrain_steps, setup)
+    full.close()
     meta = {"steps": preset.pretrain_steps, "seconds": time.perf_counter() - start,
             "heldout_A": heldout_loss(model, setup.eval_a, setup), "heldout_B": heldout_loss(model, setup.eval_b, setup)}
     try:
@@ -352,40 +374,37 @@ def stage1(preset: Preset, setup: Setup, corpus_a: corpora.Corpus, cache_dir: Pa
 
 def run_one(setup: Setup, run: Run) -> dict:
     """Fine-tune stage 1's checkpoint on B with one method, lr and seed; the run's report."""
-    method = run.method
-    model = _build_model(setup.model_config, setup.device, DTYPES[method.dtype])
+    model = _build_model(setup.model_config, setup.device, DTYPES[run.method.dtype])
     state = torch.load(setup.checkpoint, map_location=setup.device, weights_only=True)["model"]
     model.load_state_dict(state)
     del state
-    if method.kind == "full":
-        opt, clip, groups = _full_optimizer(model, run.lr, setup.device), list(model.parameters()), 1
-    else:
-        opt, clip = _hift_optimizer(model, method, run.lr, run.seed), None
-        groups = len(opt.describe_groups())
+    method = _build_method(run.method, model, run.lr, run.seed)
 
     def evaluate(step, train_loss, elapsed):
-        return {"step": step, "loss_A": heldout_loss(model, setup.eval_a, setup),
-                "loss_B": heldout_loss(model, setup.eval_b, setup), "train_loss": train_loss, "elapsed_s": elapsed}
+        return {"step": step, "loss_A": heldout_loss(method.model, setup.eval_a, setup),
+                "loss_B": heldout_loss(method.model, setup.eval_b, setup), "train_loss": train_loss,
+                "elapsed_s": elapsed}
 
     batches = _Batches(setup.train_b, setup.seq_len, setup.batch, run.seed)
     try:
-        step_times, evals = _train(model, opt, _schedule(opt, setup, run.steps), clip, batches, run.steps, setup,
+        step_times, evals = _train(method, _schedule(method.optimizer, setup, run.steps), batches, run.steps, setup,
                                    evaluate)
+        memory = method.breakdown()
     finally:
-        if method.kind == "hift":
-            opt.close()
-    del model, opt
+        method.close()
+    groups = method.groups
+    del model, method
     gc.collect()
     if setup.device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return {"method": method.label, "kind": method.kind, "lr": run.lr, "seed": run.seed, "steps": run.steps,
-            "groups": groups, "step_s": step_seconds(step_times, groups), "evals": evals}
+    return {"method": run.method.label, "kind": run.method.kind, "lr": run.lr, "seed": run.seed, "steps": run.steps,
+            "groups": groups, "step_s": step_seconds(step_times, groups), "memory": memory, "evals": evals}
 
 
 def plan(methods, lrs, seeds, steps: int, target_steps: int, groups: dict):
-    """The runs: each hift method x its lrs x seeds for `steps`; full x its lrs x seeds for
-    every length a budget needs (steps, target_steps, round(steps / k) per hift k)."""
-    full_lengths = sorted({steps, target_steps} | {max(1, round(steps / k)) for k in groups.values()})
+    """The runs: each method but full x its lrs x seeds for `steps`; full x its lrs x seeds for
+    every length a budget needs (steps, target_steps, round(steps / k) per k > 1 of the others)."""
+    full_lengths = sorted({steps, target_steps} | {max(1, round(steps / k)) for k in groups.values() if k > 1})
     runs = []
     for method in methods:
         lengths = full_lengths if method.kind == "full" else [steps]
@@ -427,7 +446,8 @@ def add_arguments(parser):
                         help="model and run sizes (default: gpu on CUDA, tiny on CPU); micro is the CI smoke test's")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="method specs, e.g. full hift:strategy=random,upg=2,lr_policy=step,lr=1e-3/3e-3 "
-                             "(default: full hift:lr_policy=cycle hift:lr_policy=step)")
+                             "badam:switch_every=1, or 'peers': " + " ".join(PEERS) +
+                             " (default: full hift:lr_policy=cycle hift:lr_policy=step)")
     parser.add_argument("--lrs", default=None, help="comma-separated lr grid for methods without lr= (default: the preset's)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated fine-tuning seeds (data order, random strategy)")
     parser.add_argument("--steps", type=int, default=None, help="T: hift's fine-tuning steps (default: the preset's)")
@@ -476,7 +496,8 @@ def _settings(args) -> dict:
                             f"<= --steps and --pretrain-steps ({pretrain}) >= 1")
     if not 0 <= args.warmup_ratio < 1:
         raise FidelityError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
-    methods = [parse_method(spec) for spec in (args.methods or preset.methods)]
+    specs = [spec for given in (args.methods or preset.methods) for spec in (PEERS if given == "peers" else [given])]
+    methods = [parse_method(spec) for spec in specs]
     if len({m.label for m in methods}) != len(methods):
         raise FidelityError("--methods has a method twice (give one spec a grid: lr=1e-3/3e-3)")
     lrs = _lrs(args.lrs.split(","), "--lrs") if args.lrs else preset.lrs
@@ -516,7 +537,12 @@ def run_benchmark(args, log=print) -> dict:
                   corpora.eval_windows(corpus_a.heldout, preset.seq_len, preset.eval_windows),
                   corpora.eval_windows(corpus_b.heldout, preset.seq_len, preset.eval_windows), checkpoint="")
     methods = settings.pop("methods")
-    groups = {m.label: group_count(m, setup) for m in methods if m.kind == "hift"}
+    unavailable = {m.label: registry.METHODS[m.kind].unavailable() for m in methods}
+    unavailable = {label: why for label, why in unavailable.items() if why}
+    for label, why in unavailable.items():
+        log(f"{label}: unavailable, left out ({why})")
+    methods = [m for m in methods if m.label not in unavailable]
+    groups = {m.label: group_count(m, setup) for m in methods if m.kind != "full"}
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else DEFAULT_CACHE.expanduser()
     stage1_report = stage1(preset, setup, corpus_a, cache_dir, log)
     runs = plan(methods, settings["lrs"], settings["seeds"], settings["steps"], settings["target_steps"], groups)
@@ -524,10 +550,21 @@ def run_benchmark(args, log=print) -> dict:
     reports = _execute(setup, runs, args.jobs, log)
     settings.update(clock=clock, model=setup.model_config, batch=setup.batch, seq_len=setup.seq_len, eval_every=setup.eval_every,
                     eval_windows=preset.eval_windows, pretrain_lr=preset.pretrain_lr,
-                    shared=dict(SHARED), methods=[m.label for m in methods])
+                    shared=dict(SHARED), methods=[m.label for m in methods],
+                    grids={m.label: list(m.lrs or settings["lrs"]) for m in methods}, unavailable=unavailable)
     return {"benchmark": "fidelity", "settings": settings, "environment": _environment(settings["device"]),
             "corpora": {"A": corpus_a.describe(), "B": {**corpus_b.describe(), "modules": corpus_b.documents}},
-            "stage1": stage1_report, "runs": reports}
+            "stage1": stage1_report, "memory_rule": _memory_rule(methods), "runs": reports}
+
+
+def _memory_rule(methods) -> dict:
+    """memory_rule's bytes for Llama-2-7B's shape, per method (the weights in the method's dtype)
+    and for full fine-tuning (fp32), which the fractions divide by."""
+    def bytes_of(kind, options, dtype):
+        return memory_rule.rule(kind, dict(options), memory_rule.LLAMA_2_7B, DTYPES[dtype].itemsize)
+
+    return {"shape": "Llama-2-7B", "config": memory_rule.LLAMA_2_7B, "full": bytes_of("full", (), "fp32"),
+            "methods": {m.label: bytes_of(m.kind, m.options, m.dtype) for m in methods}}
 
 
 def main(args) -> int:

@@ -4,15 +4,25 @@ and the budgets' definitions); they call nothing of hift_rt and train nothing.
 
 Per (method, lr) over seeds: mean and spread, the spread being half the range (for 2 seeds, mean
 ± spread are the two values). The reference is the first full method in the report's method list;
-a gap is 100 x (method's mean / full's mean - 1), full at its best lr for that budget.
+a gap is 100 x (method's mean / full's mean - 1), full at its best lr for that budget. A method's
+best lr is the one of its grid with the lowest mean held-out B after T steps (full's too).
+
+Memory (hift_rt.methods' rule): gradients + optimizer state on the device at the peak of a step,
+counted from the tensors in the runs, as a fraction of full fine-tuning's (torch AdamW) in the
+same report; state in host memory (hift's offloaded state) as a fraction of the same figure; and
+both worked out for Llama-2-7B's shape (memory_rule.py, the report's "memory_rule").
+
+Owns: the summary, the table, the plot, merging. May call: matplotlib.
 """
 import json
 import statistics
 from collections import defaultdict
 from typing import Dict, List, Optional
 
-# Settings that may differ between reports that --merge combines: they are unioned.
+# Settings that may differ between reports that --merge combines: they are unioned (lists), or
+# their entries are (dicts).
 UNIONED = ("methods", "lrs", "seeds")
+UNIONED_DICTS = ("grids", "unavailable")
 
 
 class ReportError(Exception):
@@ -105,14 +115,36 @@ def _to_target(runs, target: Optional[float], step_s: float) -> Optional[dict]:
             "seconds": stats([s * step_s for s in steps]) if steps else None}
 
 
+def _memory(runs) -> Optional[dict]:
+    """The largest of each byte count over `runs` (they agree but for a last byte of rounding), or
+    None for runs of a report without them."""
+    if any("memory" not in r for r in runs):
+        return None
+    return {key: max(r["memory"][key] for r in runs) for key in ("gradients", "state_device", "state_host")}
+
+
+def _device(memory: Optional[dict]) -> Optional[int]:
+    return None if memory is None else memory["gradients"] + memory["state_device"]
+
+
+def _fractions(memory: Optional[dict], full: Optional[dict]) -> dict:
+    """memory's device bytes and host bytes as fractions of full's device bytes."""
+    if memory is None or not _device(full):
+        return {"device": None, "host": None}
+    return {"device": _device(memory) / _device(full), "host": memory["state_host"] / _device(full)}
+
+
 def summarize(report: dict) -> dict:
-    """The budgets for every (method, lr) that ran the full T steps, and full's frontier."""
+    """The budgets, time and memory for every (method, lr) that ran the full T steps, each method
+    at its best lr, and full's frontier."""
     settings = report["settings"]
     steps, kinds = settings["steps"], {r["method"]: r["kind"] for r in report["runs"]}
     grouped = _grouped(report["runs"])
     label = next((m for m in settings["methods"] if kinds.get(m) == "full"), None)
     reference = _Reference(grouped, label)
     target = reference.at_steps(settings["target_steps"])
+    full_memory = _memory([r for r in report["runs"] if r["method"] == label]) if label else None
+    rule = report.get("memory_rule") or {}
     rows = []
     for method in settings["methods"]:
         for (name, lr, n), runs in sorted(grouped.items()):
@@ -121,20 +153,32 @@ def summarize(report: dict) -> dict:
             k = runs[0]["groups"]
             step_s = statistics.median(r["step_s"] for r in runs)
             loss = stats([_final(r, "B") for r in runs])
-            equal = {"steps": reference.at_steps(steps), "updates": reference.at_steps(max(1, round(steps / k))),
+            updates = k > 1 or kinds[method] == "full"  # else: every step updates all it trains
+            equal = {"steps": reference.at_steps(steps),
+                     "updates": reference.at_steps(max(1, round(steps / k))) if updates else None,
                      "time": reference.at_seconds(steps * step_s) if reference.step_s else None}
+            memory = _memory(runs)
+            rule_bytes = rule.get("methods", {}).get(method)
             rows.append({
-                "method": method, "lr": lr, "groups": k, "step_s": step_s, "seeds": [r["seed"] for r in runs],
+                "method": method, "kind": kinds[method], "lr": lr, "groups": k, "step_s": step_s,
+                "time_vs_full": step_s / reference.step_s if reference.step_s else None,
+                "seeds": [r["seed"] for r in runs],
                 "loss_B": loss, "loss_A_before": runs[0]["evals"][0]["loss_A"],
                 "loss_A": stats([_final(r, "A") for r in runs]),
                 "forgetting_A": _forgetting(runs),
                 "equal": {budget: {"full": ref, "gap_pct": _gap(loss["mean"], ref)} for budget, ref in equal.items()},
-                "to_target": _to_target(runs, target and target["loss_B"], step_s)})
+                "to_target": _to_target(runs, target and target["loss_B"], step_s),
+                "memory": memory, "memory_fraction": _fractions(memory, full_memory),
+                "rule": rule_bytes, "rule_fraction": _fractions(rule_bytes, rule.get("full"))})
+    best = {}
+    for row in rows:
+        if row["method"] not in best or row["loss_B"]["mean"] < best[row["method"]]["loss_B"]["mean"]:
+            best[row["method"]] = row
     frontier = [{"lr": lr, "steps": n, "loss_B": s, "forgetting_A": reference.forgetting[lr][n],
                  "seconds": n * reference.step_s}
                 for lr, by_steps in sorted(reference.loss.items()) for n, s in sorted(by_steps.items())]
     return {"reference": label, "full_step_s": reference.step_s, "target": target, "rows": rows,
-            "full_frontier": frontier}
+            "best": [{"method": m, "lr": row["lr"]} for m, row in best.items()], "full_frontier": frontier}
 
 
 def _pm(s: Optional[dict], digits=3) -> str:
@@ -172,12 +216,55 @@ def table(report: dict) -> str:
                      f"{_pm(row['loss_B']):>13} {_pct(row['equal']['steps']['gap_pct']):>7} "
                      f"{_pct(row['equal']['updates']['gap_pct']):>8} {_pct(row['equal']['time']['gap_pct']):>7} "
                      f"{_pm(row['forgetting_A']):>13} {reached:>17} {seconds:>6}")
+    lines += _best_table(report)
     if summary["full_frontier"]:
         lines.append(f"{summary['reference']} by run length (the budgets' references), "
                      f"{summary['full_step_s'] * 1e3:.1f} ms/step:")
         lines += [f"  lr {p['lr']:.1e} {p['steps']:>6} steps {p['seconds']:>8.1f} s  held-out B {_pm(p['loss_B'])}"
                   f"  A forgetting {_pm(p['forgetting_A'])}" for p in summary["full_frontier"]]
     return "\n".join(lines)
+
+
+def best_rows(summary: dict) -> List[dict]:
+    """The summary's row of each method at its best lr, in the report's method order."""
+    best = {(b["method"], b["lr"]) for b in summary.get("best", [])}
+    return [row for row in summary["rows"] if (row["method"], row["lr"]) in best]
+
+
+def _fraction(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _best_table(report: dict) -> List[str]:
+    """Each method at its best lr: quality, time and memory side by side."""
+    summary, settings = report["summary"], report["settings"]
+    rows = best_rows(summary)
+    if not rows:
+        return []
+    grids = settings.get("grids", {})
+    lines = [f"each method at its best lr (lowest mean held-out B after T over its grid; grids: "
+             + "; ".join(f"{m} {'/'.join(f'{lr:g}' for lr in grid)}" for m, grid in grids.items())
+             + f"; seeds {settings['seeds']}); time: its step time / {summary['reference']}'s; memory: gradients + "
+             f"optimizer state on the device at a step's peak, counted from the tensors, / {summary['reference']}'s; "
+             f"host: state in host memory / the same; 7B: the same rule for Llama-2-7B's shape"]
+    header = (f"{'method':<28} {'lr':>7} {'k':>3} {'time':>6} {'B after T':>13} {'steps':>7} {'time':>7} "
+              f"{'A forgetting':>13} {'to target':>11} {'memory':>7} {'host':>6} {'7B mem':>7} {'7B host':>7}")
+    lines += [header, "-" * len(header)]
+    for row in rows:
+        tt = row["to_target"]
+        reached = "—" if tt is None else (f"{tt['steps']['mean']:.0f}" if tt["steps"] else "no")
+        if tt and tt["steps"] and tt["reached"] < tt["of"]:
+            reached += f" ({tt['reached']}/{tt['of']})"
+        time_ratio = "—" if row["time_vs_full"] is None else f"{row['time_vs_full']:.2f}"
+        memory, rule = row["memory_fraction"], row["rule_fraction"]
+        lines.append(f"{row['method']:<28} {row['lr']:>7.1e} {row['groups']:>3} {time_ratio:>6} "
+                     f"{_pm(row['loss_B']):>13} {_pct(row['equal']['steps']['gap_pct']):>7} "
+                     f"{_pct(row['equal']['time']['gap_pct']):>7} {_pm(row['forgetting_A']):>13} {reached:>11} "
+                     f"{_fraction(memory['device']):>7} {_fraction(memory['host']):>6} "
+                     f"{_fraction(rule['device']):>7} {_fraction(rule['host']):>7}")
+    for label, why in settings.get("unavailable", {}).items():
+        lines.append(f"{label:<28} unavailable: {why}")
+    return lines
 
 
 def _mean_curve(runs, key: str):
@@ -187,26 +274,33 @@ def _mean_curve(runs, key: str):
 
 
 def plot(report: dict, path: str) -> None:
-    """Held-out B against steps and against seconds, held-out A against steps: each method at
-    its best lr (lowest mean final B after T steps), mean over seeds; full's run lengths as dots."""
+    """Held-out B against steps, against seconds and against memory (the device figure of the
+    memory rule, a line on to device + host where a method keeps state in host memory), held-out A
+    against steps: each method at its best lr (lowest mean final B after T steps), mean over
+    seeds; full's run lengths as dots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     summary, grouped = report["summary"], _grouped(report["runs"])
-    best = {}
-    for row in summary["rows"]:
-        if row["method"] not in best or row["loss_B"]["mean"] < best[row["method"]]["loss_B"]["mean"]:
-            best[row["method"]] = row
-    fig, (by_step, by_time, forgetting) = plt.subplots(1, 3, figsize=(18, 5.5))
-    for i, (method, row) in enumerate(best.items()):
+    fig, (by_step, by_time, by_memory, forgetting) = plt.subplots(1, 4, figsize=(24, 5.5))
+    for i, row in enumerate(best_rows(summary)):
+        method = row["method"]
         runs = grouped[(method, row["lr"], report["settings"]["steps"])]
         steps, loss_b = _mean_curve(runs, "loss_B")
-        style = {"label": f"{method} lr={row['lr']:g}", "color": plt.cm.tab20(i % 20)}
+        style = {"label": f"{method} lr={row['lr']:g}", "color": plt.cm.tab20((2 * i) % 20 + (i // 10) % 2)}
         by_step.plot(steps, loss_b, **style)
         by_time.plot([s * row["step_s"] for s in steps], loss_b, **style)
         forgetting.plot(*_mean_curve(runs, "loss_A"), **style)
+        memory = row["memory_fraction"]
+        if memory["device"] is not None:
+            by_memory.plot([memory["device"]], [row["loss_B"]["mean"]], "o", color=style["color"])
+            by_memory.annotate(method, (memory["device"], row["loss_B"]["mean"]), fontsize=6,
+                               xytext=(3, 3), textcoords="offset points")
+            if memory["host"]:
+                by_memory.plot([memory["device"], memory["device"] + memory["host"]], [row["loss_B"]["mean"]] * 2,
+                               ":", color=style["color"])
     best_by_length = {}
     for point in summary["full_frontier"]:
         known = best_by_length.get(point["steps"])
@@ -219,8 +313,10 @@ def plot(report: dict, path: str) -> None:
                       label=f"{summary['reference']}: final loss of a run of that length, best lr")
     by_step.set(xlabel="optimizer steps", ylabel="held-out loss on B (fine-tuning domain)")
     by_time.set(xlabel="seconds (steps x step time)", ylabel="held-out loss on B")
+    by_memory.set(xlabel=f"gradients + optimizer state on the device / {summary['reference']}'s "
+                         "(dotted: + state in host memory)", ylabel="held-out loss on B after T steps")
     forgetting.set(xlabel="optimizer steps", ylabel="held-out loss on A (pretraining domain)")
-    for axis in (by_step, by_time, forgetting):
+    for axis in (by_step, by_time, by_memory, forgetting):
         axis.grid(alpha=0.3)
     fig.suptitle(f"fidelity ({report['settings']['preset']}, {report['environment']['device']})")
     fig.tight_layout()
@@ -243,21 +339,30 @@ def merge(paths: List[str]) -> dict:
     first = reports[0]
 
     def fixed(report):
-        return ({k: v for k, v in report["settings"].items() if k not in UNIONED}, report["stage1"]["key"],
-                report["corpora"]["A"]["sha256"], report["corpora"]["B"]["sha256"])
+        return ({k: v for k, v in report["settings"].items() if k not in UNIONED + UNIONED_DICTS},
+                report["stage1"]["key"], report["corpora"]["A"]["sha256"], report["corpora"]["B"]["sha256"])
 
-    settings = {k: list(v) if k in UNIONED else v for k, v in first["settings"].items()}
+    settings = {k: list(v) if k in UNIONED else dict(v) if k in UNIONED_DICTS else v
+                for k, v in first["settings"].items()}
     merged = {**first, "settings": settings, "runs": [], "merged_from": list(paths)}
+    if "memory_rule" in first:
+        merged["memory_rule"] = {**first["memory_rule"], "methods": {}}
     seen = set()
     for path, report in zip(paths, reports):
         if fixed(report) != fixed(first):
             raise ReportError(f"--merge {path}: its settings, stage 1 checkpoint or corpora differ from {paths[0]}'s")
         for key in UNIONED:
             merged["settings"][key] += [v for v in report["settings"][key] if v not in merged["settings"][key]]
+        for key in UNIONED_DICTS:
+            merged["settings"].setdefault(key, {}).update(report["settings"].get(key, {}))
+        if "memory_rule" in merged:
+            merged["memory_rule"]["methods"].update(report.get("memory_rule", {}).get("methods", {}))
         for run in report["runs"]:
             identity = (run["method"], run["lr"], run["seed"], run["steps"])
             if identity in seen:
                 raise ReportError(f"--merge {path}: run {identity} is in two reports")
             seen.add(identity)
             merged["runs"].append(run)
+    for label in merged["settings"]["methods"]:  # ran in one report, unavailable in another
+        merged["settings"].get("unavailable", {}).pop(label, None)
     return merged

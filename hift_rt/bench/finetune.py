@@ -15,6 +15,10 @@ in its weights' dtype on the device. Methods (hift_rt.methods):
                   (wrap's state_dtype), a Kahan compensation instead of the fp32 master with
                   -kahan (master_weights="kahan"): hift-bf16-bf16, hift-bf16-int8,
                   hift-bf16-int8-kahan (4.06 host bytes per parameter against hift-bf16's 12)
+  badam, lisa, galore, apollo, adam-mini, adalomo, adamw8bit  the peers (hift_rt.methods.PEERS,
+                  the `[peers]` extra) on fp32 weights at their published settings; badam-bf16 on
+                  bf16 weights, the way BAdam is meant to run (fp32 master copy of one block)
+A method whose package is not installed is reported as skipped.
 
 Loss: the model's own (full logits), or with `--efficient-loss on` hift_rt.efficient_lm_loss (no
 full logits) for every method; the `8b` preset uses the efficient loss unless `--efficient-loss off`.
@@ -38,9 +42,9 @@ gradients, optimizer state on the GPU and in host memory, activations = the rest
 peak; host RSS after the steps and the pinned host bytes (hift with offload: its state). When
 pinned host memory runs short, the method's entry says how much its state needed instead.
 
-Owns: the presets, the timing and the report. May call: hift_rt.methods, hift_rt.engine
-(EngineError), hift_rt.regional (compile), torch._dynamo (its graph counters), transformers, peft,
-matplotlib.
+Owns: the presets, the timing and the report. May call: hift_rt.methods, memory_rule (bytes per
+state element), hift_rt.engine (EngineError), hift_rt.regional (compile), torch._dynamo (its
+graph counters), transformers, peft, matplotlib.
 """
 import gc
 import json
@@ -55,6 +59,7 @@ from typing import NamedTuple
 import torch
 
 from .. import methods
+from .memory_rule import MASTER_BYTES, MOMENT_BYTES
 from ..engine import EngineError
 from ..regional import compile as compile_regions
 
@@ -111,6 +116,8 @@ METHODS = {
     "hift-bf16-int8": Variant(methods.HiFT, torch.bfloat16, {"offload": True, "state_dtype": "int8"}),
     "hift-bf16-int8-kahan": Variant(methods.HiFT, torch.bfloat16,
                                     {"offload": True, "state_dtype": "int8", "master_weights": "kahan"}),
+    **{name: Variant(methods.METHODS[name], torch.float32, {}) for name in methods.PEERS if name != "lora"},
+    "badam-bf16": Variant(methods.BAdam, torch.bfloat16, {}),
 }
 LR = 1e-5
 
@@ -184,12 +191,6 @@ def host_rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-# Bytes per element of a moment in each state_dtype (int8: a code, and one fp32 absmax per 128)
-# and of each master_weights format; "auto" is an fp32 master for bf16/fp16 weights.
-MOMENT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1 + 4 / 128}
-MASTER_BYTES = {"fp32": 4, "kahan": 2}
 
 
 def state_bytes_needed(model, dtype, settings: methods.Settings) -> int:
@@ -365,12 +366,10 @@ def run(args):
         report["params_M"] = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters()) / 1e6
     rounds = {}
     for name in names:
-        if name == "lora":
-            try:
-                import peft  # noqa: F401
-            except ImportError:
-                report["methods"][name] = {"skipped": "peft is not installed (pip install hift_rt[bench])"}
-                continue
+        missing = METHODS[name].cls.unavailable()
+        if missing:
+            report["methods"][name] = {"skipped": f"{name} {missing}"}
+            continue
         rounds[name] = []
     for _ in range(args.rounds):
         for name, done in rounds.items():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint
+from .. import checkpoint, methods
 from ..rotation import STRATEGIES
 from .errors import JobError
 
@@ -85,9 +85,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--efficient-loss", default="auto", choices=("auto", "on", "off"),
                         help="the loss without full logits (hift_rt.efficient_lm_loss); auto: for vocabularies of "
                              f"{EFFICIENT_LOSS_MIN_VOCAB} tokens or more")
-    parser.add_argument("--compare", choices=("full",),
-                        help="also run standard full fine-tuning (torch AdamW; under torchrun in "
-                             "DistributedDataParallel)")
+    parser.add_argument("--compare", choices=tuple(name for name in methods.METHODS if name != "hift"),
+                        help="also run another method on the same model and data: full (torch AdamW; under torchrun "
+                             "in DistributedDataParallel) or a peer (one process: pip install 'hift_rt[peers]')")
     parser.add_argument("--save", help="directory for the model (save_pretrained) and optimizer/rotation state: a new "
                         "or empty directory, or a checkpoint written by --save (replaced atomically)")
     parser.add_argument("--save-every", type=int, default=0,
@@ -200,7 +200,7 @@ def check_arguments(args, ranks) -> None:
     if args.resume and args.model:
         raise JobError("--resume takes the model from the checkpoint; drop --model")
     if args.resume and args.compare:
-        raise JobError("--compare full trains from the start; it cannot continue a --resume")
+        raise JobError(f"--compare {args.compare} trains from the start; it cannot continue a --resume")
 
 
 def _check_writable(option: str, directory: Path) -> None:

@@ -133,9 +133,9 @@ class StopOnCtrlC:
 # ---- one run -------------------------------------------------------------------------------
 
 def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, ranks: Ranks, log=print) -> Optional[dict]:
-    """Train with `method_name` ("hift" or "full") as `args` say, from `resume` (a state from
-    read_checkpoint) when given; returns the run's figures, or None when Ctrl-C stopped it. Every
-    rank runs it; `log` prints (rank 0's)."""
+    """Train with `method_name` ("hift", or the --compare method: a name in methods.METHODS) as
+    `args` say, from `resume` (a state from read_checkpoint) when given; returns the run's figures,
+    or None when Ctrl-C stopped it. Every rank runs it; `log` prints (rank 0's)."""
     device, dtype = args.device, DTYPES[args.dtype]
     source, option = (args.resume, "--resume") if resume is not None else (args.model, "--model")
     with ranks.agree():  # files every rank reads: one may fail where the others do not
@@ -162,8 +162,8 @@ def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, ranks
                                 offload=args.offload, seed=args.seed, efficient_loss=efficient_loss,
                                 state_dtype=args.state_dtype, master_weights=MASTER_WEIGHTS[args.master])
     try:
-        method = (methods.HiFT if method_name == "hift" else methods.Full)(model, settings)
-    except ValueError as exc:  # wrap's refusals name the problem
+        method = methods.METHODS[method_name](model, settings)
+    except ValueError as exc:  # wrap's and the methods' refusals name the problem
         raise JobError(f"{method_name}: {exc}") from None
     schedule = lr_factor(args.lr_schedule, args.warmup_steps, args.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(method.optimizer, schedule)
@@ -320,16 +320,24 @@ def train_and_report(args, ranks: Ranks) -> int:
         if args.resume and not ranks.main:
             resume = read_checkpoint(args.resume)
     settle_run_options(args, resume.get("job", {}) if resume else {}, log)
-    if args.compare == "full" and args.dtype == "fp16":
-        raise JobError("--compare full needs --dtype fp32 or bf16 (torch's AdamW cannot unscale fp16 gradients)")
+    if args.compare and args.dtype == "fp16":
+        raise JobError(f"--compare {args.compare} needs --dtype fp32 or bf16 (fp16 weights need the GradScaler only hift "
+                       "takes)")
+    if args.compare and args.grad_accum > 1 and not methods.METHODS[args.compare].accumulates:
+        raise JobError(f"--compare {args.compare} updates inside the backward pass: it cannot take --grad-accum "
+                       f"{args.grad_accum}")
+    if args.compare and methods.METHODS[args.compare].unavailable():
+        log(f"note: --compare {args.compare} is unavailable, hift runs alone "
+            f"({methods.METHODS[args.compare].unavailable()})")
+        args.compare = None
     if resume is not None and resume["step"] > args.steps:
         raise JobError(f"--resume {args.resume} is at step {resume['step']}, beyond --steps {args.steps}: "
                        f"give --steps {resume['step']} or more")
     message = (TORCHRUN_STOP_MESSAGE if ranks.world > 1 else STOP_MESSAGE) if ranks.main else None
     with StopOnCtrlC(message) as stop:
         results = [run(args, "hift", resume, stop, ranks, log)]
-        if args.compare == "full" and not ranks.any(stop.requested):
-            results.append(run(args, "full", None, stop, ranks, log))
+        if args.compare and not ranks.any(stop.requested):
+            results.append(run(args, args.compare, None, stop, ranks, log))
         interrupted = ranks.any(stop.requested)
     if interrupted:
         return 130
