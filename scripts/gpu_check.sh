@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, for one H100/H200 without internet, sized to finish in under 8 minutes: every step
+# The GPU check, for one H100/H200 without internet, sized to finish in under 9 minutes: every step
 # has a time budget (`timeout`), the most important first. Writes at most 8 files to the folder
 # given as $1, else $OUT, else ./results:
 #   log.txt            everything printed (tests, tables, figures)
@@ -10,6 +10,8 @@
 #   finetune_7b.json   Llama-2-7B shape, grad. checkpointing: the default state window against the
 #                        whole-group slot, and int8 + kahan state at that window
 #   finetune_8b.json   Llama-3-8B shape with the efficient LM loss: memory (wrap included), wrap time
+#   finetune_1b_compile.json  1.35 B: full-bf16 against hift-bf16, both through hift_rt.compile
+#                        (inductor): step time, compile time, graphs compiled after the warm-up
 set -uo pipefail
 out="${1:-${OUT:-results}}"
 mkdir -p "$out"
@@ -36,8 +38,8 @@ step 10 python -m hift_rt info
 # The CUDA tests: engine (the two that crashed on an H200 at 2766244 included), runtime, NCCL with
 # one rank, the efficient loss, then the kernels (many compiled variants: last, so a slow compile
 # cannot starve the rest).
-step 110 python -m pytest -m cuda -q -rs tests/test_engine.py tests/test_runtime_cuda.py tests/test_distributed.py \
-  tests/test_linear_cross_entropy.py tests/test_kernels.py tests/test_kernels_compact.py
+step 130 python -m pytest -m cuda -q -rs tests/test_engine.py tests/test_runtime_cuda.py tests/test_distributed.py \
+  tests/test_linear_cross_entropy.py tests/test_compile.py tests/test_kernels.py tests/test_kernels_compact.py
 step 25 python -m hift_rt.bench engine --json "$out/engine.json"
 step 40 python -m hift_rt.bench kernels --json "$out/kernels.json"
 step 55 python -m hift_rt.bench finetune --preset 1b --methods full,hift-bf16,hift-nooffload --rounds 2 \
@@ -46,9 +48,11 @@ step 65 python -m hift_rt.bench finetune --preset 7b --methods hift-bf16,hift-bf
   --gradient-checkpointing --cycles 1 --json "$out/finetune_7b.json"
 step 45 python -m hift_rt.bench finetune --preset 8b --methods hift-bf16 --gradient-checkpointing --cycles 1 \
   --json "$out/finetune_8b.json"
+step 70 python -m hift_rt.bench finetune --preset 1b --methods full-bf16,hift-bf16 --compile --cycles 1 \
+  --json "$out/finetune_1b_compile.json"
 # compute-sanitizer memcheck over the engine's CUDA tests and a short runtime test, where it is
 # installed: one seed of the ~500k-chunk stress test; torch's caching allocator off so that
-# memcheck sees every allocation. The budgets add up to 465 s.
+# memcheck sees every allocation. The budgets add up to 555 s.
 if command -v compute-sanitizer >/dev/null 2>&1; then
   step 40 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
     python -m pytest -m cuda -q tests/test_engine.py tests/test_runtime_cuda.py \
