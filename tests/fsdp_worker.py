@@ -111,7 +111,8 @@ def equivalence(rank, world, names):
         data = mlp_batches(12, world) if is_mlp else global_batches(12, config.get("accumulate", 1), world)
         model = shard(build(config), **config.get("fsdp", {}))
         opt = wrap(model, config)
-        figures = {"groups": len(opt.groups), "memory": opt.memory_breakdown()}
+        figures = {"groups": len(opt.groups), "memory": opt.memory_breakdown(),
+                   "describe": [(g["name"], g["params"], g["numel"]) for g in opt.describe_groups()]}
         log, active = [], []
         if name == "bottom_up":  # which gradients FSDP2 reduce-scatters, step by step
             for module in model.modules():
@@ -155,7 +156,8 @@ def equivalence(rank, world, names):
         error = (trained - reference_weights).abs()
         if config.get("dtype") == torch.bfloat16:  # less the reference weight's ulp (see tests/test_fsdp.py)
             error = error - torch.ldexp(torch.ones_like(error), torch.frexp(reference_weights)[1] - 8)
-        report[name] = {**figures, "max_abs": float(error.max()), "rank": rank,
+        described = [[g["name"], g["params"], g["numel"]] for g in ref_opt.describe_groups()]
+        report[name] = {**figures, "max_abs": float(error.max()), "rank": rank, "reference_describe": described,
                         "reference_state_params": len(ref_opt.state_dict()["state"])}
         ref_opt.close()
     return report

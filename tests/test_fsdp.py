@@ -84,6 +84,7 @@ def test_ranks_on_their_micro_batches_equal_one_process_on_the_global_batch(suit
     tolerance = LR / 2 if any(s in config for s in ("bf16", "int8")) else 2e-5  # see the module docstring
     assert r["max_abs"] <= tolerance, r
     assert r["steps"] == 12
+    assert r["describe"] == r["reference_describe"]  # the same groups, names and sizes (global)
     if r["rank"] == 0:  # rank 0's full state dict holds every parameter's state
         assert r["state_params"] == r["reference_state_params"] > 0
 
