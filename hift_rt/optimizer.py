@@ -317,14 +317,17 @@ class HiFTOptimizer(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
         comm = self._comm
+        rescale = None
         if found_inf is not None:
             if comm:
-                comm.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)  # every rank skips, or none
+                found_inf, grad_scale, rescale = self._agree_on_scaler(found_inf, grad_scale)
             if bool(found_inf.item()):
                 return
         group = self.groups[self._rotation.active]
         group.check_not_moved(self.device, self.dtype)
         grad, has_grad = self._gradients.collect(group)
+        if rescale is not None:
+            grad.mul_(rescale)
         if comm:
             has_grad = comm.any(has_grad)  # a parameter used on any rank has a (mean) gradient
         if not any(has_grad):  # nothing to update, as in torch; the rotation goes on
@@ -356,6 +359,25 @@ class HiFTOptimizer(torch.optim.Optimizer):
             comm.all_gather_in_place(group.flat)
         self._steps[group.index] += 1
         self._advance()
+
+    def _agree_on_scaler(self, found_inf: torch.Tensor, grad_scale: Optional[torch.Tensor]):
+        """Data parallel with a GradScaler: (found_inf, grad_scale, rescale) agreed by every rank.
+
+        Each rank's GradScaler checked only its own gradients, so found_inf, and the scale each
+        rank's scaler.update() then moves on its own flag, can differ between ranks. Every rank
+        skips the step when any found inf/NaN. The gradients are brought to the smallest scale
+        before they are averaged (a rank whose scaler backed off alone holds a smaller one):
+        `rescale` (a float, None when the scales agree) multiplies this rank's gradient, and the
+        kernel undoes the common scale. One all-reduce of two scalars; the host reads them in the
+        sync found_inf costs anyway."""
+        scale = grad_scale.float().reshape(()) if grad_scale is not None else torch.ones((), device=found_inf.device)
+        flags = torch.stack([found_inf.float().reshape(()), -scale])  # MAX of -scale: the smallest scale
+        self._comm.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        smallest = -flags[1]
+        agreed_inf, smallest_value, own = torch.stack([flags[0], smallest, scale]).tolist()
+        if grad_scale is None or agreed_inf or smallest_value == own:
+            return flags[0], grad_scale, None
+        return flags[0], smallest.reshape(1), smallest_value / own
 
     def _advance(self) -> None:
         g = self._rotation.active

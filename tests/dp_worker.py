@@ -192,6 +192,41 @@ def subgroup(rank, world):
     return {"weights": weights(model).tolist(), "host_group_destroyed": False}
 
 
+def scaled_run(model, opt, data, part, world, poisoned_step, poison):
+    """SGD steps through a GradScaler; at `poisoned_step` the loss is multiplied by inf where
+    `poison` says (one rank only, or the one process): its gradients are inf/NaN."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for step, (batch,) in enumerate(data):
+        if part is not None:
+            batch = batch[part * MICRO:(part + 1) * MICRO]
+        loss = model(input_ids=batch, labels=batch).loss
+        if step == poisoned_step and poison:
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    return scaler.get_scale()
+
+
+def scaler_disagreement(rank, world):
+    """Rank 1 alone finds inf gradients at step 3: every rank skips it, rank 1's scaler backs off
+    alone, and the later steps must still average equally scaled gradients. Against one process
+    on the global batch whose step 3 overflows. SGD with momentum: linear in the gradient's scale."""
+    config = {"optim": "sgd", "momentum": 0.9, "strategy": "top_down"}
+    data = global_batches(steps=10, accumulate=1, world=world)
+    model, _ = tiny_llama()
+    opt = wrap(model, config)
+    scale = scaled_run(model, opt, data, rank, world, poisoned_step=3, poison=rank == 1)
+    steps = opt.group_steps
+    opt.close()
+    reference, _ = tiny_llama()
+    ref_opt = wrap(reference, config, process_group=False)
+    ref_scale = scaled_run(reference, ref_opt, data, None, 1, poisoned_step=3, poison=True)
+    return {"max_abs": float((weights(model) - weights(reference)).abs().max()), "scale": scale,
+            "reference_scale": ref_scale, "group_steps": steps, "reference_group_steps": ref_opt.group_steps}
+
+
 def mismatch(rank, world):
     """Rank 1 wraps with another seed: wrap must refuse on every rank, naming it."""
     model, _ = tiny_llama()
@@ -216,8 +251,8 @@ def main():
     elif scenario.startswith("resume:"):
         report = resume(rank, world, scenario.split(":", 1)[1])
     else:
-        report = {"dies": dies, "mismatch": mismatch, "nccl_one_rank": nccl_one_rank,
-                  "subgroup": subgroup}[scenario](rank, world)
+        report = {"dies": dies, "mismatch": mismatch, "nccl_one_rank": nccl_one_rank, "subgroup": subgroup,
+                  "scaler_disagreement": scaler_disagreement}[scenario](rank, world)
     with open(f"{out}.rank{rank}", "w") as f:
         json.dump(report, f)
     if scenario not in ("dies", "subgroup"):

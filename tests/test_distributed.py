@@ -105,6 +105,18 @@ def test_a_checkpoint_from_two_ranks_resumes_on_three_and_on_one(tmp_path):
         assert float(error.max()) <= 5e-3, world
 
 
+def test_grad_scalers_that_disagree_over_ranks_skip_together_and_average_equal_scales(tmp_path):
+    """GradScaler checks each rank's own gradients: after an overflow on one rank only, the
+    ranks' scales differ (rank 1's backed off, rank 0's did not). Every rank skipped the step,
+    and the later means are of gradients at one scale: the weights equal one process's."""
+    reports = launch("scaler_disagreement", 2, tmp_path)
+    assert reports[0]["scale"] == 2 * reports[1]["scale"] == 2 * reports[1]["reference_scale"]
+    for report in reports:
+        assert report["group_steps"] == report["reference_group_steps"]  # the poisoned step: skipped by all
+        assert sum(report["group_steps"]) == 9
+        assert report["max_abs"] <= 2e-5, report
+
+
 def test_a_rank_that_dies_mid_step_makes_the_others_raise_not_hang(tmp_path):
     report = launch("dies", 2, tmp_path, timeout=120)[0]
     assert report["raised"] is not None, "rank 0 completed a step without its peer"
