@@ -90,6 +90,14 @@ def test_merge_of_split_reports_gives_the_same_summary(micro, tmp_path):
     assert fidelity_report.summarize(merged) == report["summary"]
     with pytest.raises(fidelity_report.ReportError, match="in two reports"):
         fidelity_report.merge([str(path), str(path)])
+    # another lr grid for full: the grids are unioned, the best lr picked over both
+    other = dict(report, runs=[dict(r, lr=1e-3, evals=[dict(e, loss_B=e["loss_B"] + 0.5) for e in r["evals"]])
+                               for r in report["runs"] if r["method"] == "full"],
+                 settings=dict(report["settings"], methods=["full"], grids={"full": [1e-3]}))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    merged = fidelity_report.merge([str(path), str(tmp_path / "other.json")])
+    assert merged["settings"]["grids"]["full"] == [1e-3, 3e-3]
+    assert {"method": "full", "lr": 3e-3} in fidelity_report.summarize(merged)["best"]
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -19,8 +19,8 @@ import statistics
 from collections import defaultdict
 from typing import Dict, List, Optional
 
-# Settings that may differ between reports that --merge combines: they are unioned (lists), or
-# their entries are (dicts).
+# Settings that may differ between reports that --merge combines: they are unioned (lists; the
+# dicts: each method's lr grid, and the methods unavailable in one report or another).
 UNIONED = ("methods", "lrs", "seeds")
 UNIONED_DICTS = ("grids", "unavailable")
 
@@ -353,8 +353,10 @@ def merge(paths: List[str]) -> dict:
             raise ReportError(f"--merge {path}: its settings, stage 1 checkpoint or corpora differ from {paths[0]}'s")
         for key in UNIONED:
             merged["settings"][key] += [v for v in report["settings"][key] if v not in merged["settings"][key]]
-        for key in UNIONED_DICTS:
-            merged["settings"].setdefault(key, {}).update(report["settings"].get(key, {}))
+        grids = merged["settings"].setdefault("grids", {})
+        for label, grid in report["settings"].get("grids", {}).items():
+            grids[label] = sorted(set(grids.get(label, [])) | set(grid))
+        merged["settings"].setdefault("unavailable", {}).update(report["settings"].get("unavailable", {}))
         if "memory_rule" in merged:
             merged["memory_rule"]["methods"].update(report.get("memory_rule", {}).get("methods", {}))
         for run in report["runs"]:
