@@ -5,7 +5,8 @@
 returns a torch.optim.Optimizer that updates one depth-group of the model per step, keeps the
 other groups' optimizer state in pinned host memory, and streams it in and out behind compute.
 `hift_rt.compile(model)` compiles each unit's module on its own (torch.compile per block), which
-HiFT's changing requires_grad does not recompile.
+HiFT's changing requires_grad does not recompile (not in __all__: a star import would shadow the
+builtin compile).
 Nothing here touches CUDA at import time.
 """
 from .config import HiFTConfig
@@ -15,4 +16,4 @@ from .optimizer import HiFTOptimizer
 from .regional import compile
 
 __version__ = "0.1.0"
-__all__ = ["wrap", "compile", "HiFTOptimizer", "HiFTConfig", "efficient_lm_loss", "__version__"]
+__all__ = ["wrap", "HiFTOptimizer", "HiFTConfig", "efficient_lm_loss", "__version__"]

@@ -17,12 +17,17 @@ What is ours. `directory` must be missing, an empty directory, or a checkpoint (
 manifest); anything else is refused (`check_target`), so a save never replaces a directory of
 the user's. A symlink is followed: the checkpoint is written at its target and the link stays.
 Inside a checkpoint only the files its manifest lists (and the manifest) are ours: once the new
-checkpoint is in place, the old one's listed files are deleted and any other file a user put
-into the directory is moved into the new checkpoint, at the same relative path (a save whose
-files would take such a path is refused before it switches). A temporary directory carries the
-marker file SAVING until its manifest is written; leftovers of a killed save are recognised by
-the marker or the manifest and cleared by the next `recover()` (which `save` and `manifest`
-call), anything else beside the checkpoint is left alone.
+checkpoint is in place, the old one's listed files are deleted, whatever they now hold, and any
+other file a user put into the directory is moved into the new checkpoint at the same relative
+path (a save whose files would take such a path is refused before it switches).
+
+Leftovers. A save's temporary directory carries the marker WRITING ("<host> <pid>") from its
+creation through the switch; an old checkpoint being cleared carries CLEARING, put in first and
+taken out last. The next `save` clears what a killed save left (a marked directory whose
+process is gone, or one holding nothing but directories), and refuses to start while another
+live process on this host is saving into the same directory; anything else beside the checkpoint
+is left alone. Readers (`manifest`, `recover`) only undo an interrupted fallback switch: they
+never touch a save's temporary directory, which a running save may be writing.
 
 `manifest(directory)` recovers, then checks every file the manifest lists (present, size,
 sha256) and returns the manifest; anything else raises CheckpointError with one line that names
@@ -38,16 +43,20 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import itertools
 import json
 import os
 import re
 import secrets
 import shutil
+import socket
 from pathlib import Path, PurePosixPath
 from typing import Callable, Dict, List, Optional
 
 MANIFEST = "hift_rt_checkpoint.json"
-SAVING = ".hift_rt_saving"  # marker inside a temporary directory until its manifest is written
+WRITING = ".hift_rt_writing"    # marker of a save's temporary directory: "<host> <pid>" of its writer
+CLEARING = ".hift_rt_clearing"  # marker of an old checkpoint being cleared, put in first, taken out last
+OURS = (MANIFEST, WRITING, CLEARING)  # entries of a checkpoint directory that no manifest lists
 FORMAT = 1
 _SAVING = ".saving-"      # infix of the temporary directory of a save in progress
 _PREVIOUS = ".previous"   # suffix of the old checkpoint while the fallback switch runs
@@ -148,9 +157,8 @@ def _read_manifest(directory: Path) -> dict:
         raise CheckpointError(f"{MANIFEST} is unreadable (step {step!r} is not a count >= 0)")
     files: Dict[str, tuple] = {}
     for name, entry in listed["files"].items():
-        parts = PurePosixPath(name).parts
         if not name or name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in name.split("/")) \
-                or name in (MANIFEST, SAVING) or not parts:
+                or name in OURS:
             raise CheckpointError(f"{MANIFEST} is unreadable (it lists {name!r}, not a file inside the checkpoint)")
         size = entry.get("bytes") if isinstance(entry, dict) else None
         digest = entry.get("sha256") if isinstance(entry, dict) else None
@@ -162,10 +170,10 @@ def _read_manifest(directory: Path) -> dict:
     return {"step": step, "files": files}
 
 
-def _foreign(directory: Path, listed: Dict[str, tuple]) -> List[str]:
-    """Entries of the checkpoint in `directory` that it did not write: neither listed by its
-    manifest nor the manifest itself."""
-    return [name for name in _entries(directory) if name not in listed and name not in (MANIFEST, SAVING)]
+def _foreign(directory: Path, listed) -> List[str]:
+    """Entries below `directory` that no save wrote: neither listed by its manifest (`listed`,
+    names) nor the manifest or a marker."""
+    return [name for name in _entries(directory) if name not in listed and name not in OURS]
 
 
 def check_target(directory: Path, name: Optional[str] = None) -> None:
@@ -181,7 +189,7 @@ def check_target(directory: Path, name: Optional[str] = None) -> None:
     if not any(directory.iterdir()):
         return
     if not (directory / MANIFEST).exists():
-        shown = ", ".join(_entries(directory)[:3]) or ", ".join(sorted(p.name for p in directory.iterdir())[:3])
+        shown = ", ".join(sorted(p.name for p in itertools.islice(directory.iterdir(), 3)))
         raise CheckpointError(f"{name} is a directory that is not a hift_rt checkpoint (it holds {shown}); a save "
                               "would replace it: give a new or empty directory, or a checkpoint's")
     try:
@@ -191,22 +199,66 @@ def check_target(directory: Path, name: Optional[str] = None) -> None:
                               "yours: give another directory") from None
 
 
-def _is_ours(hidden: Path) -> bool:
-    """A directory a save of ours left: it carries the marker or a manifest, or it is empty (what
-    an exchange with an empty target directory leaves; removing it loses nothing)."""
-    return hidden.is_dir() and not hidden.is_symlink() and \
-        ((hidden / SAVING).is_file() or (hidden / MANIFEST).is_file() or not any(hidden.iterdir()))
+def _mark(directory: Path, marker: str) -> None:
+    """Put `marker` into `directory`, naming this process: "<host> <pid>"."""
+    (directory / marker).write_text(f"{socket.gethostname()} {os.getpid()}")
+
+
+def _owner_alive(hidden: Path) -> bool:
+    """Whether the process its markers name may still be working on `hidden`: one on another host
+    (it cannot be checked from here), or a live process on this one other than this process (a
+    save of this process that failed left it: nothing of ours runs beside a save)."""
+    for marker in (CLEARING, WRITING):
+        try:
+            host, pid = (hidden / marker).read_text().split()
+            pid = int(pid)
+        except (OSError, ValueError):
+            continue
+        if host != socket.gethostname():
+            return True
+        if pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return False
+
+
+def _ours_and_left(hidden: Path) -> bool:
+    """Whether `hidden` (a `.NAME.saving-*` or `.NAME.previous` directory) is what a save of ours
+    left and no live process is working on: it carries a marker or a readable manifest, or holds
+    nothing but directories (removing them loses nothing)."""
+    if not hidden.is_dir() or hidden.is_symlink():
+        return False
+    try:
+        marked = (hidden / CLEARING).is_file() or (hidden / WRITING).is_file() or bool(_read_manifest(hidden))
+    except CheckpointError:
+        marked = False  # a user's folder named like ours, maybe with a file named like our manifest
+    return (marked or not _entries(hidden)) and not _owner_alive(hidden)
 
 
 def _discard(old: Path, home: Path) -> None:
-    """Delete the checkpoint (or unfinished save) in `old`, once `home` holds the current one:
-    its listed files and its marker go; any other entry (a user's file that was in the
-    checkpoint directory) moves into `home` at the same relative path. The manifest goes last,
-    so that an interrupted discard is finished by the next one; then the empty directories."""
+    """Clear `old`, a directory a save of ours left, now that `home` holds the checkpoint:
+
+    - an unfinished save (the WRITING marker, no manifest, no CLEARING): every file is ours;
+    - otherwise the files its manifest lists (if it still has one) and the markers are ours, and
+      any other entry (a user's file that was in the checkpoint directory) moves into `home` at
+      the same relative path.
+
+    CLEARING is put in first and taken out last, after the manifest and the sub-directories, so
+    that a discard killed at any moment leaves a directory the next one recognises and finishes
+    the same way."""
+    clearing = (old / CLEARING).is_file()
     try:
-        listed = _read_manifest(old)["files"]
+        listed = set(_read_manifest(old)["files"])
     except CheckpointError:
-        listed = None  # an unfinished save: every file in it is ours
+        listed = None if (old / WRITING).is_file() and not clearing else set()
+    if not clearing:
+        _mark(old, CLEARING)
     if listed is not None:
         for name in _foreign(old, listed):
             target = home / name
@@ -216,30 +268,46 @@ def _discard(old: Path, home: Path) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(old / name, target)
     for name in _entries(old):
-        if name != MANIFEST and (listed is None or name in listed or name == SAVING):
+        if name not in (MANIFEST, CLEARING) and (listed is None or name in listed or name in OURS):
             os.unlink(old / name)
     if (old / MANIFEST).exists():
         os.unlink(old / MANIFEST)
-    for root, _, _ in sorted(os.walk(old), key=lambda entry: -len(entry[0])):
+    for root, _, _ in sorted(os.walk(old), key=lambda entry: -len(entry[0]))[:-1]:
         os.rmdir(root)
+    os.unlink(old / CLEARING)
+    os.rmdir(old)
 
 
 def recover(directory: Path) -> None:
-    """Finish what a crash interrupted: put back a previous checkpoint that the fallback switch had
-    moved aside, or discard it where the switch completed; clear what killed saves left."""
+    """Finish what a crash interrupted in the fallback switch: put back a previous checkpoint that
+    it had moved aside, or clear it where the switch completed. Readers call this; they never
+    touch a save's temporary directory (a save may be running)."""
     directory = Path(os.path.realpath(directory))
     previous = _hidden(directory, _PREVIOUS)
-    if _is_ours(previous):
+    if _ours_and_left(previous):
         if directory.exists():
             _discard(previous, directory)
         else:
             os.rename(previous, directory)
         _fsync(directory.parent)
+
+
+def _clear_left_saves(directory: Path) -> None:
+    """The writer's recovery: clear what killed saves into `directory` left; refuse while another
+    live process on this host is saving into it (one writer at a time)."""
+    recover(directory)
     prefix = f".{directory.name}{_SAVING}"
-    if directory.parent.is_dir():
-        for stale in directory.parent.iterdir():
-            if stale.name.startswith(prefix) and _is_ours(stale):
-                _discard(stale, directory)
+    for hidden in directory.parent.iterdir():
+        if not hidden.name.startswith(prefix) or not hidden.is_dir():
+            continue
+        if _ours_and_left(hidden):
+            _discard(hidden, directory)
+        elif (hidden / WRITING).is_file() or (hidden / CLEARING).is_file():
+            owner = next(((hidden / m).read_text().strip() for m in (CLEARING, WRITING) if (hidden / m).is_file()), "")
+            if owner.split()[:1] == [socket.gethostname()]:
+                raise CheckpointError(f"another process (host and pid: {owner}) is saving into {directory} through "
+                                      f"{hidden.name}; one process writes a checkpoint at a time (if no such "
+                                      f"process runs, the folder is a leftover: delete it)")
 
 
 def _check_no_collision(directory: Path, new: Path) -> None:
@@ -264,16 +332,15 @@ def save(directory: Path, write: Callable[[Path], None], step: int) -> None:
     directory = Path(os.path.realpath(directory))
     check_target(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    recover(directory)
+    _clear_left_saves(directory)
     tmp = directory.parent / f".{directory.name}{_SAVING}{os.getpid()}-{secrets.token_hex(4)}"
     os.mkdir(tmp)  # not tempfile.mkdtemp: the checkpoint gets the umask's permissions, not 0o700
     try:
-        (tmp / SAVING).touch()
+        _mark(tmp, WRITING)  # stays through the switch: whoever finds tmp knows whose it is
         write(tmp)
-        files = [tmp / name for name in _entries(tmp) if name != SAVING]
+        files = [tmp / name for name in _entries(tmp) if name != WRITING]
         listed = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files}
         (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": listed}, indent=1))
-        (tmp / SAVING).unlink()
         for path in [*files, tmp / MANIFEST, *sorted(p for p in tmp.rglob("*") if p.is_dir()), tmp]:
             _fsync(path)
         check_target(directory)  # what was a checkpoint at the start may have been replaced since
@@ -299,14 +366,14 @@ def save(directory: Path, write: Callable[[Path], None], step: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # not switched: tmp is the unused new checkpoint
         raise
     try:
+        os.unlink(directory / WRITING)
         _fsync(directory.parent)
         if old is not None:
             _discard(old, directory)
             _fsync(directory.parent)
     except OSError as exc:
         raise CheckpointError(f"the checkpoint of step {step} is in place, but flushing it or clearing the previous "
-                              f"one failed ({exc.strerror or exc}); the next save or --resume clears what is "
-                              "left") from None
+                              f"one failed ({exc.strerror or exc}); the next save clears what is left") from None
 
 
 def manifest(directory: Path) -> dict:

@@ -10,6 +10,9 @@ return step 1 (old) or 2 (new) with every file's bytes exactly those of that ste
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -52,6 +55,8 @@ class Kill:
             return run
 
         monkeypatch.setattr(os, "rename", counted(real_rename))
+        monkeypatch.setattr(os, "unlink", counted(os.unlink))
+        monkeypatch.setattr(os, "rmdir", counted(os.rmdir))
         monkeypatch.setattr(checkpoint, "_fsync", counted(real_fsync))
         monkeypatch.setattr(checkpoint, "_exchange", counted(real_exchange if exchange else lambda a, b: False))
         monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None if self.dead else real_rmtree(*a, **k))
@@ -180,6 +185,34 @@ def test_a_save_that_would_replace_a_users_file_is_refused_before_it_switches(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_a_reader_during_a_save_leaves_the_save_alone(tmp_path):
+    """A --resume or an evaluation reading the checkpoint while a run saves into it: the reader
+    must not take the save's temporary directory for a leftover."""
+    directory = tmp_path / "ckpt"
+    checkpoint.save(directory, writer(1, lambda: None), 1)
+    checkpoint.save(directory, writer(2, lambda: checkpoint.manifest(directory)), 2)
+    assert assert_checkpoint_of(directory, {2}) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_live_save_of_another_process_is_waited_for_not_cleared_and_a_dead_ones_is(tmp_path):
+    directory = tmp_path / "ckpt"
+    checkpoint.save(directory, writer(1, lambda: None), 1)
+    running = tmp_path / ".ckpt.saving-123-abcd"
+    running.mkdir()
+    (running / "model.bin").write_bytes(b"half")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (running / checkpoint.WRITING).write_text(f"{socket.gethostname()} {other.pid}")
+        with pytest.raises(checkpoint.CheckpointError, match=f"another process .* {other.pid}.* is saving into"):
+            checkpoint.save(directory, writer(2, lambda: None), 2)
+        assert (running / "model.bin").read_bytes() == b"half" and assert_checkpoint_of(directory, {1}) == 1
+    finally:
+        other.kill()
+        other.wait()
+    checkpoint.save(directory, writer(2, lambda: None), 2)  # its writer is gone: a leftover
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
 def test_hidden_directories_that_are_not_a_saves_are_left_alone(tmp_path):
     directory = tmp_path / "ckpt"
     lookalike = tmp_path / ".ckpt.saving-mine"  # a user's, named like ours but without marker or manifest
@@ -187,10 +220,15 @@ def test_hidden_directories_that_are_not_a_saves_are_left_alone(tmp_path):
     (lookalike / "data.txt").write_text("keep")
     (tmp_path / ".ckpt.previous").mkdir()
     (tmp_path / ".ckpt.previous" / "data.txt").write_text("keep too")
+    broken = tmp_path / ".ckpt.saving-old"  # a file named like our manifest does not make it ours
+    broken.mkdir()
+    (broken / checkpoint.MANIFEST).write_text("{}")
+    (broken / "precious.txt").write_text("keep as well")
     checkpoint.save(directory, writer(1, lambda: None), 1)
     checkpoint.save(directory, writer(2, lambda: None), 2)
     assert (lookalike / "data.txt").read_text() == "keep"
     assert (tmp_path / ".ckpt.previous" / "data.txt").read_text() == "keep too"
+    assert (broken / "precious.txt").read_text() == "keep as well"
 
 
 def test_os_error_in_finds_the_os_error_a_library_wrapped(tmp_path):

@@ -77,7 +77,7 @@ def _data_inside_a_checkpoint(tmp_path, saved):
 def _parent_of_resume(tmp_path, saved):
     shutil.copytree(saved, tmp_path / "runs" / "ckpt")
     return ["--resume", tmp_path / "runs" / "ckpt", "--save", tmp_path / "runs", "--steps", 5], \
-        "--save: {t}/runs is a directory that is not a hift_rt checkpoint (it holds ckpt/config.json"
+        "--save: {t}/runs is a directory that is not a hift_rt checkpoint (it holds ckpt)"
 
 
 def _inside_resume(tmp_path, saved):
@@ -102,6 +102,22 @@ def test_save_refuses_what_is_not_its_own_before_the_first_step(tmp_path, saved,
     out, _ = assert_one_line(capsys, message.format(t=tmp_path))
     assert "hift:" not in out  # refused before training
     assert contents(tmp_path) == before and not hidden(tmp_path)
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_results_never_go_over_the_data_or_into_a_checkpoint(tmp_path, saved, capsys, option):
+    data = tmp_path / "train.txt"
+    data.write_text("the corpus " * 500)
+    ckpt = shutil.copytree(saved, tmp_path / "ckpt")
+    before = contents(tmp_path)
+    for argv, message in (([option, data, "--data", data], f"{option} {data} is the --data file"),
+                          ([option, ckpt / "run.out", "--resume", ckpt, "--steps", 5],
+                           f"{option} {ckpt / 'run.out'} lies inside the --resume checkpoint"),
+                          ([option, ckpt / checkpoint.MANIFEST, "--resume", saved, "--save", ckpt, "--steps", 5],
+                           f"{option} {ckpt / checkpoint.MANIFEST} lies inside the --save checkpoint")):
+        assert run("--steps", 2, *argv) == 2
+        assert_one_line(capsys, message)
+    assert contents(tmp_path) == before
 
 
 @pytest.mark.parametrize("option", ["--resume", "--save", "--data", "--model", "--json", "--plot"])
@@ -151,15 +167,17 @@ def file_size_limit(limit):
         signal.signal(signal.SIGXFSZ, previous)
 
 
-@pytest.mark.parametrize("failing", ["model.safetensors", job.STATE_FILE])
-def test_a_refused_write_ends_with_one_line_and_keeps_the_previous_checkpoint(tmp_path, saved, capsys, failing):
+@pytest.mark.parametrize("failing,every", [("model.safetensors", 0), (job.STATE_FILE, 0), (job.STATE_FILE, 8)],
+                         ids=["weights", "state", "state-at-save-every"])
+def test_a_refused_write_ends_with_one_line_and_keeps_the_previous_checkpoint(tmp_path, saved, capsys, failing,
+                                                                              every):
     ckpt = shutil.copytree(saved, tmp_path / "ckpt")
     before = contents(ckpt)
     sizes = {name: (ckpt / name).stat().st_size for name in checkpoint.manifest(ckpt)["files"]}
     # 8 steps: every group has state, so the state file outgrows the weights (their moments: 2x)
     limit = sizes["model.safetensors"] // 2 if failing == "model.safetensors" else sizes["model.safetensors"] * 3 // 2
     with file_size_limit(limit):
-        code = run("--steps", 8, "--resume", ckpt, "--save", ckpt)
+        code = run("--steps", 10 if every else 8, "--resume", ckpt, "--save", ckpt, "--save-every", every)
     assert code == 2
     assert_one_line(capsys, f"--save {ckpt}: cannot write the checkpoint of step 8 (File too large); {ckpt} is as it was")
     assert contents(ckpt) == before and not hidden(tmp_path)
@@ -249,6 +267,8 @@ def _edit(state, how):
         state["job"]["units_per_group"] = "1"
     elif how == "an unknown run option":
         state["job"]["learning_rate"] = 0.1
+    elif how == "dtype a list":
+        state["job"]["dtype"] = ["fp32"]
     elif how == "run options a list":
         state["job"] = ["adamw"]
     elif how == "losses as strings":
@@ -280,6 +300,7 @@ def _edit(state, how):
     ("units_per_group a string", "the saved --units-per-group '1' is not a value this hift_rt runs"),
     ("an unknown run option", "unknown run option(s) ['learning_rate']"),
     ("run options a list", "'job' is list, not a dict"),
+    ("dtype a list", "the saved --dtype ['fp32'] is not a value this hift_rt runs"),
     ("losses as strings", "history 'losses' is not a list of 3 numbers (one per step)"),
     ("a history of another length", "history 'step_seconds' is not a list of 3 numbers"),
     ("a schedule of another step", "'scheduler' is not a schedule at step 3"),

@@ -79,6 +79,14 @@ def test_resume_refuses_an_edited_optimizer_file_naming_the_field(tmp_path, edit
         trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
 
 
+def test_model_init_builds_the_model_and_hift_trains_it(tmp_path):
+    """Trainer(model_init=...) passes no model to the constructor."""
+    trainer = HiFTTrainer(model_init=lambda: tiny_llama()[0], train_dataset=Tokens(),
+                          args=training_args(tmp_path, max_steps=2, save_strategy="no"))
+    trainer.train()
+    assert isinstance(trainer._hift(), HiFTOptimizer) and sum(trainer._hift().group_steps) == 2
+
+
 def test_weight_decay_follows_trainers_names_and_hift_args_are_checked(tmp_path):
     model, _ = tiny_llama()
     opt = hift_optimizer(model, training_args(tmp_path), strategy="top_down")

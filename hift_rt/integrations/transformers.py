@@ -97,7 +97,7 @@ class HiFTTrainer(Trainer):
         self.compile_kwargs: Optional[dict] = None  # torch.compile's arguments, when compiling
         model = kwargs.get("model", args[0] if args else None)
         training = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if is_fully_sharded(model) or training is not None and (training.fsdp or training.deepspeed):
+        if model is not None and is_fully_sharded(model) or training is not None and (training.fsdp or training.deepspeed):
             raise ValueError(_NOT_SHARDED)
         super().__init__(*args, **kwargs)
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # set by `accelerate launch` with such a config

@@ -112,10 +112,13 @@ def check_saved_options(saved, source: str) -> dict:
     JobError naming the option. Options it lacks take their defaults (an older checkpoint)."""
     if not isinstance(saved, dict):
         raise JobError(f"{source}: its run options are a {type(saved).__name__}, not a table of options")
-    valid = {"optim": lambda v: v in OPTIMS, "strategy": lambda v: v in STRATEGIES,
+    def one_of(names):
+        return lambda v: isinstance(v, str) and v in names  # a list or dict would not even hash
+
+    valid = {"optim": one_of(OPTIMS), "strategy": one_of(STRATEGIES),
              "units_per_group": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-             "dtype": lambda v: v in DTYPES, "lr": _finite_at_least_0, "weight_decay": _finite_at_least_0,
-             "state_dtype": lambda v: v in STATE_DTYPES, "master": lambda v: v in MASTER_WEIGHTS}
+             "dtype": one_of(DTYPES), "lr": _finite_at_least_0, "weight_decay": _finite_at_least_0,
+             "state_dtype": one_of(STATE_DTYPES), "master": one_of(MASTER_WEIGHTS)}
     unknown = sorted(str(name) for name in saved if name not in valid)
     if unknown:
         raise JobError(f"{source}: unknown run option(s) {unknown} (written by another version, or edited)")
@@ -259,6 +262,13 @@ def check_output_paths(args) -> None:
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         if not path:
             continue
+        real = Path(os.path.realpath(path))
+        if args.data is not None and real == Path(os.path.realpath(args.data)):
+            raise JobError(f"{option} {path} is the --data file: give another file for the results")
+        for checkpoint_option, directory in (("--save", args.save), ("--resume", args.resume)):
+            if directory is not None and _within(real, Path(os.path.realpath(directory))):
+                raise JobError(f"{option} {path} lies inside the {checkpoint_option} checkpoint {directory}, whose "
+                               "files the next save replaces: give a file outside it")
         if Path(path).is_dir():
             raise JobError(f"{option}: {path} is a directory")
         if not Path(path).parent.is_dir():
