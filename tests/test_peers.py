@@ -3,9 +3,11 @@ and full, lora, hift beside them): each trains what it claims and only that, the
 counted from the tensors against hand counts and against memory_rule's formulas, LISA against a
 straightforward loop, and the benchmark and the job with a peer. The peers' packages are part of
 the [test] extra: a missing one fails here, it is never skipped."""
+import argparse
 import copy
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -231,3 +233,24 @@ def test_job_compares_hift_with_a_peer_and_refuses_what_a_peer_cannot_do(tmp_pat
                      "--grad-accum", "2"]) == 2
     err = capsys.readouterr().err
     assert "--compare adalomo updates inside the backward pass: it cannot take --grad-accum 2" in err
+
+
+@pytest.mark.parametrize("name", ["full", "adalomo"])
+def test_counting_memory_is_left_out_of_the_benchmarks_step_times(name, monkeypatch):
+    """Every method but hift counts its memory inside its steps (after each optimizer step;
+    AdaLomo in every gradient hook): the fidelity benchmark's step times must not include it.
+    Counting is made to take 0.2 s here; a step of the micro model takes milliseconds."""
+    real_count = methods.Method._count
+
+    def slow_count(self, *args, **kwargs):
+        time.sleep(0.2)
+        return real_count(self, *args, **kwargs)
+
+    monkeypatch.setattr(methods.Method, "_count", slow_count)
+    method = methods.METHODS[name](micro_model(), methods.Settings(lr=1e-3))
+    setup = argparse.Namespace(device="cpu", clock="wall", autocast=False, eval_every=10 ** 6)
+    data = fidelity._Batches(torch.randint(0, V, (2000,), generator=torch.Generator().manual_seed(0)), 32, 2, 0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(method.optimizer, lambda step: 1.0)
+    step_times, _ = fidelity._train(method, schedule, data, 2, setup)
+    assert method.accounting["wall"] >= 2 * 0.2
+    assert all(t < 0.2 for t in step_times), step_times

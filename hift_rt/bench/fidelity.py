@@ -291,7 +291,7 @@ def _train(method, schedule, batches: _Batches, steps: int, setup: Setup, evalua
     evals = [evaluate(0, None, 0.0)] if evaluate else []
     for step in range(1, steps + 1):
         batch = batches.next().to(setup.device)
-        start = CLOCKS[setup.clock]()
+        start, counted = CLOCKS[setup.clock](), method.accounting[setup.clock]
         method.before_forward(step - 1)
         with _autocast(setup):
             loss = method.model(input_ids=batch, labels=batch).loss
@@ -299,7 +299,7 @@ def _train(method, schedule, batches: _Batches, steps: int, setup: Setup, evalua
         method.update()
         schedule.step()
         losses.append(loss.item())  # waits for the compute stream only: the step is done
-        step_times.append(CLOCKS[setup.clock]() - start)
+        step_times.append(CLOCKS[setup.clock]() - start - (method.accounting[setup.clock] - counted))
         if evaluate and (step % setup.eval_every == 0 or step == steps):
             evals.append(evaluate(step, statistics.fmean(losses), sum(step_times)))
             losses = []

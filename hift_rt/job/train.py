@@ -211,7 +211,7 @@ def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, ranks
     tokens_per_step = args.batch_size * ranks.world * args.seq_len * args.grad_accum
     try:  # the bar ends its line before any error line
         while done < args.steps and not ranks.any(stop.requested):  # every rank stops after the same step
-            start = time.perf_counter()
+            start, counted = time.perf_counter(), method.accounting["wall"]
             active = getattr(method.optimizer, "active_group", 0)
             lr = method.optimizer.param_groups[0]["lr"]
             method.before_forward(done)
@@ -226,7 +226,7 @@ def run(args, method_name: str, resume: Optional[dict], stop: StopOnCtrlC, ranks
             done += 1
             history["losses"].append(ranks.mean(float(total)))  # one sync per step, for the log
             history["memory_GiB"].append(_memory_gib(device))
-            history["step_seconds"].append(time.perf_counter() - start)
+            history["step_seconds"].append(time.perf_counter() - start - (method.accounting["wall"] - counted))
             if not math.isfinite(history["losses"][-1]):
                 kept = f", nothing saved over {args.save}" if saves else ""
                 raise JobError(f"{method_name}: the training loss became {history['losses'][-1]} at step {done} "
