@@ -743,18 +743,9 @@ class FSDPHiFTOptimizer(HiFTOptimizer):
                 found = next((p for p in problems if p), "")
                 if found:
                     raise ValueError(f"sharded checkpoint, group {group.index}: {found}")
-            old = self._rotation.active
             for group in self.groups:
                 self._updater.load_local(group, entries_of(group))
-            self.param_groups[0].update(plan["param_group"])
-            self._steps = plan["steps"]
-            self._rotation = plan["rotation"]
-            self._cycle_lr, self._cycle_lr_of = plan["cycle_lr"]
-            new = self._rotation.active
-            if new != old:
-                self._gradients.deactivate(self.groups[old])
-                self._updater.switch(old, new)
-            self._activate(new)
+            self._apply_position(plan)
 
     def close(self) -> None:
         """As HiFTOptimizer.close; FSDP2 recomputes the reduce dtypes of the modules (every

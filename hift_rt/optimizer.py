@@ -443,18 +443,23 @@ class HiFTOptimizer(torch.optim.Optimizer):
             raise RuntimeError("this HiFTOptimizer was closed")
         with self._atomic("load_state_dict"):
             plan = self._check_state_dict(state_dict)
-            old = self._rotation.active
             for group, entries in zip(self.groups, plan["entries"]):
                 self._updater.load_group_state(group, entries)
-            self.param_groups[0].update(plan["param_group"])
-            self._steps = plan["steps"]
-            self._rotation = plan["rotation"]
-            self._cycle_lr, self._cycle_lr_of = plan["cycle_lr"]
-            new = self._rotation.active
-            if new != old:
-                self._gradients.deactivate(self.groups[old])
-                self._updater.switch(old, new)
-            self._activate(new)
+            self._apply_position(plan)
+
+    def _apply_position(self, plan: dict) -> None:
+        """After a load: the checked plan's hyperparameters, step counts, rotation and cycle lr;
+        the state moves to the group that is active now."""
+        old = self._rotation.active
+        self.param_groups[0].update(plan["param_group"])
+        self._steps = plan["steps"]
+        self._rotation = plan["rotation"]
+        self._cycle_lr, self._cycle_lr_of = plan["cycle_lr"]
+        new = self._rotation.active
+        if new != old:
+            self._gradients.deactivate(self.groups[old])
+            self._updater.switch(old, new)
+        self._activate(new)
 
     def _check_state_dict(self, state_dict) -> dict:
         """Everything load_state_dict will apply, checked: ValueError for anything that does not fit."""
