@@ -82,7 +82,7 @@ from .config import HiFTConfig
 from .families import SIGNED, slice_state
 from .flat import PARAM_ALIGN, FlatGroup, aligned
 from .kernels import Q, dequantize, grad_norm
-from .optimizer import STATE_DICT_VERSION, HiFTOptimizer
+from .optimizer import STATE_DICT_VERSION, HiFTOptimizer, check_steps_within
 from .state_store import StoredField, blob_nbytes, plan_device, StateStore
 from .updaters import FusedUpdater, ParamState, Updater
 from .wrappers import is_fully_sharded
@@ -735,7 +735,9 @@ class FSDPHiFTOptimizer(HiFTOptimizer):
             for group in self.groups:
                 problem = ""
                 try:
-                    self._updater.check_local(group, entries_of(group))
+                    entries = entries_of(group)
+                    self._updater.check_local(group, entries)
+                    check_steps_within(group, entries, plan["steps"][group.index])
                 except ValueError as exc:
                     problem = str(exc)
                 problems: List[str] = [""] * self._comm.world

@@ -510,10 +510,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_STEP for s in steps):
             raise ValueError(f"state dict's group_steps {steps!r} is not {k} counts in [0, 2**53]")
         for group, group_entries, group_steps in zip(self.groups, entries, steps):
-            for (name, _), entry in zip(group.params, group_entries):
-                if updates_of(entry) > group_steps:  # a parameter is updated only in its group's steps
-                    raise ValueError(f"state 'step' of parameter '{name}' is {updates_of(entry)}, more updates than "
-                                     f"its group {group.index} has had ({group_steps})")
+            check_steps_within(group, group_entries, group_steps)
         rotation = Rotation(k, self.config.strategy, self.config.seed)
         rotation.load_state_dict(hift.get("rotation"))
         cycle_lr, cycle_lr_of = hift.get("cycle_lr"), hift.get("cycle_lr_of")
@@ -565,6 +562,15 @@ class HiFTOptimizer(torch.optim.Optimizer):
         return (f"HiFTOptimizer(optim={self.config.optim_name!r}, groups={len(self.groups)}, "
                 f"strategy={self.config.strategy!r}, active={self.active_group}, cycle={self.cycle}, "
                 f"offload={self.offload}, master_weights={self.master_weights}, lr={self.param_groups[0]['lr']})")
+
+
+def check_steps_within(group, entries, group_steps: int) -> None:
+    """ValueError for a parameter whose saved step count exceeds its group's: a parameter is
+    updated only in its group's steps."""
+    for (name, _), entry in zip(group.params, entries):
+        if updates_of(entry) > group_steps:
+            raise ValueError(f"state 'step' of parameter '{name}' is {updates_of(entry)}, more updates than its "
+                             f"group {group.index} has had ({group_steps})")
 
 
 def _thaw_copy(model: nn.Module) -> None:

@@ -222,6 +222,10 @@ def checkpoint(rank, world, directory):
         entry["master"] = entry["master"].clone()
         entry["master"].to_local().view(-1)[:4] = float("nan")
     dcp.save({"optim": state}, checkpoint_id=os.path.join(directory, "corrupt"))
+    # And one whose step count for a parameter exceeds its group's (an edited or crafted file).
+    state = opt.sharded_state_dict()
+    state["state"]["model.layers.0.self_attn.q_proj.weight"]["step"] = torch.tensor(99.0)
+    dcp.save({"optim": state}, checkpoint_id=os.path.join(directory, "step_beyond"))
     train_share(model, opt, data[5:], rank, world)
     resumed = full_weights(model)
     torch.save(uninterrupted, os.path.join(directory, f"uninterrupted-{world}.pt"))
@@ -236,9 +240,10 @@ def resume(rank, world, directory):
     model = resume_model(seed=5)
     opt = wrap(model, RESUME)
     refused = {}
-    for what, other in (("corrupt", opt), ("fp32_state", wrap(resume_model(), {**RESUME, "state_dtype": "fp32"}))):
+    for what, other in (("corrupt", opt), ("step_beyond", opt),
+                        ("fp32_state", wrap(resume_model(), {**RESUME, "state_dtype": "fp32"}))):
         try:  # nothing changes: the optimizer is still the fresh one
-            other.load_sharded_state_dict(os.path.join(directory, "corrupt" if what == "corrupt" else "dcp"))
+            other.load_sharded_state_dict(os.path.join(directory, "dcp" if what == "fp32_state" else what))
             refused[what] = None
         except ValueError as exc:
             refused[what] = str(exc)

@@ -127,6 +127,7 @@ def test_a_dcp_checkpoint_from_two_ranks_resumes_on_three(suites, tmp_path_facto
         refused = report["resume"]["refused"]
         assert "model.layers.0.self_attn.q_proj.weight" in refused["corrupt"] and "non-finite" in refused["corrupt"]
         assert "state_dtype='int8'" in refused["fp32_state"]
+        assert "'model.layers.0.self_attn.q_proj.weight' is 99, more updates than its group" in refused["step_beyond"]
         assert refused["unchanged"]
     for name, (error, largest) in r["dcp_vs_saved"].items():
         reblocked = name.split(".weight.")[1] in ("exp_avg", "exp_avg_sq") and ("down_proj" in name or "norm" in name)
