@@ -626,9 +626,7 @@ class FSDPHiFTOptimizer(HiFTOptimizer):
         if not any(has_grad):  # FSDP2 gives every rank the same gradients (or none): no agreement needed
             self._advance()
             return
-        coef = None
-        if grad_scale is not None:
-            coef = grad_scale.double().reciprocal().float().reshape(1)
+        coef = None if grad_scale is None else grad_scale.double().reciprocal().float().reshape(1)
         if self.config.max_grad_norm is not None:
             # The norm over every rank's shards: the sum of each rank's squared local norms.
             squares = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -636,12 +634,7 @@ class FSDPHiFTOptimizer(HiFTOptimizer):
                 if g is not None:
                     squares += grad_norm(g).square()
             self._all_reduce(squares)
-            norm = squares.sqrt()
-            if coef is not None:
-                norm = norm * coef[0]
-            self.grad_norm.copy_(norm)
-            clip = torch.clamp(self.config.max_grad_norm / (norm + 1e-6), max=1.0).reshape(1)
-            coef = clip if coef is None else coef * clip
+            coef = self._clip(squares.sqrt(), coef)
         self._updater.update(group, grads, has_grad, lr=self._lr(), options=self._options(), clip_coef=coef)
         self._steps[group.index] += 1
         self._advance()

@@ -340,25 +340,32 @@ class HiFTOptimizer(torch.optim.Optimizer):
         elif comm:  # a torch.optim class: every rank updates the whole group
             comm.all_reduce(grad)
             grad.div_(comm.world)
-        coef = None
-        if grad_scale is not None:
-            coef = grad_scale.double().reciprocal().float().reshape(1)
+        coef = None if grad_scale is None else grad_scale.double().reciprocal().float().reshape(1)
         if self.config.max_grad_norm is not None:
             norm = grad_norm(grad)
             if comm and self._shard_grad.numel():  # the norm over every shard: one scalar on the device
                 norm = norm.square()
                 comm.all_reduce(norm)
                 norm = norm.sqrt()
-            if coef is not None:
-                norm = norm * coef[0]
-            self.grad_norm.copy_(norm)
-            clip = torch.clamp(self.config.max_grad_norm / (norm + 1e-6), max=1.0).reshape(1)
-            coef = clip if coef is None else coef * clip
+            coef = self._clip(norm, coef)
         self._updater.update(group, grad, has_grad, lr=self._lr(), options=self._options(), clip_coef=coef)
         if comm and self._shard_grad.numel():
             comm.all_gather_in_place(group.flat)
         self._steps[group.index] += 1
         self._advance()
+
+    def _clip(self, norm: torch.Tensor, unscale: Optional[torch.Tensor]) -> torch.Tensor:
+        """The gradient's factor with clipping, shape (1,) fp32 on the device, no host sync.
+
+        norm: the global norm of the (scaled) gradient, 0-d fp32; unscale: 1 / the GradScaler's
+        scale, shape (1,), or None. With g the unscaled gradient, ||g|| = norm * unscale (kept in
+        `grad_norm`) and the factor is unscale * min(1, max_grad_norm / (||g|| + 1e-6)), as
+        torch.nn.utils.clip_grad_norm_ clips."""
+        if unscale is not None:
+            norm = norm * unscale[0]
+        self.grad_norm.copy_(norm)
+        clip = torch.clamp(self.config.max_grad_norm / (norm + 1e-6), max=1.0).reshape(1)
+        return clip if unscale is None else unscale * clip
 
     def _agree_on_scaler(self, found_inf: torch.Tensor, grad_scale: Optional[torch.Tensor]):
         """Data parallel with a GradScaler: (found_inf, grad_scale, rescale) agreed by every rank.

@@ -145,7 +145,12 @@ def uninterrupted():
 def dies(rank, world):
     """Rank 1 exits in the middle of a step; rank 0 must get an error from the collective's timeout."""
     model, _ = tiny_llama()
-    opt = wrap(model, {})
+    return step_after_peer_exit(model, wrap(model, {}), rank, world)
+
+
+def step_after_peer_exit(model, opt, rank, world):
+    """Backward on this rank's share of one batch; rank 1 then exits, and rank 0's step (its
+    collective) must raise: the error's type, message and seconds it took."""
     batch = global_batches(1, 1, world)[0][0][rank * MICRO:(rank + 1) * MICRO]
     model(input_ids=batch, labels=batch).loss.backward()
     if rank == 1:

@@ -6,7 +6,6 @@ against one process, and the checkpoint steps for this world size), "dies"."""
 import json
 import os
 import sys
-import time
 from datetime import timedelta
 
 import torch
@@ -20,7 +19,7 @@ from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceS
 sys.path.insert(0, os.path.dirname(__file__))
 import hift_rt  # noqa: E402
 from hift_rt import fsdp  # noqa: E402
-from dp_worker import MICRO, global_batches, resume_data, train, train_share, weights  # noqa: E402
+from dp_worker import MICRO, global_batches, resume_data, step_after_peer_exit, train, train_share, weights  # noqa: E402
 from models import tiny_llama  # noqa: E402
 
 
@@ -361,17 +360,7 @@ def scaler(rank, world):
 def dies(rank, world):
     """Rank 1 exits after backward; rank 0's step (the clip norm's all-reduce) must raise."""
     model = shard(tiny_llama()[0])
-    opt = hift_rt.wrap(model, "adamw", lr=1e-2, max_grad_norm=1.0)
-    ids = global_batches(1, 1, world)[0][0][rank * MICRO:(rank + 1) * MICRO]
-    model(input_ids=ids, labels=ids).loss.backward()
-    if rank == 1:
-        os._exit(0)
-    start = time.monotonic()
-    try:
-        opt.step()
-    except Exception as exc:  # torch.distributed reports the lost peer or the timeout
-        return {"raised": type(exc).__name__, "message": str(exc)[:300], "seconds": time.monotonic() - start}
-    return {"raised": None}
+    return step_after_peer_exit(model, hift_rt.wrap(model, "adamw", lr=1e-2, max_grad_norm=1.0), rank, world)
 
 
 def main():

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from safetensors.torch import load_file
 
 from hift_rt import checkpoint, job
 from hift_rt.cli import main
+from ranks import free_port
 from test_cli import tiny_hf_model
 
 TOL = 2e-5
@@ -143,9 +143,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_an_error_on_one_rank_ends_every_rank_with_code_2_and_one_line_from_rank_0(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     bad = tmp_path / "missing" / "r.json"
     procs = [subprocess.Popen([sys.executable, "-c", AGREE, "finetune", "--steps", "1", "--json", str(bad)],
                               env={**ENV, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),

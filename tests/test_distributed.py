@@ -11,42 +11,16 @@ decision on a last-bit difference: either moves an element's update (at most lr 
 by a fraction of it, so those runs are held to lr / 2. Adam barely sees the scale of a gradient;
 SGD with momentum is linear in it and catches a wrong mean over ranks.
 """
-import json
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import dp_worker
-
-HERE = os.path.dirname(__file__)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+import ranks
 
 
 def launch(scenario, world, tmp_path, timeout=600):
-    """Run `scenario` on `world` gloo ranks; returns each rank's report and return code."""
-    out = str(tmp_path / f"{scenario.split(':')[0]}-{world}")
-    port = str(_free_port())
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "dp_worker.py"), scenario, str(rank), str(world),
-                               port, out], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(world)]
-    logs = [p.communicate(timeout=timeout)[0] for p in procs]
-    reports = []
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        path = f"{out}.rank{rank}"
-        reports.append(json.load(open(path)) if os.path.exists(path) else None)
-        if scenario != "dies" or rank == 0:
-            assert p.returncode == 0 and reports[-1] is not None, f"rank {rank} failed:\n{log[-3000:]}"
-    return reports
+    """Run `scenario` of tests/dp_worker.py on `world` gloo ranks; each rank's report."""
+    return ranks.launch("dp_worker.py", scenario, world, str(tmp_path / f"{scenario.split(':')[0]}-{world}"), timeout)
 
 
 # Every config with 2 ranks; with 3 (shards of odd size, a third rank) those whose mechanics differ

@@ -16,45 +16,22 @@ mixed precision (bf16 copies of fp32 weights) is compared with FSDP2 on a mesh o
 to lr / 2 for the same bf16 reasons. SGD with momentum is linear in the gradient's scale and
 catches a wrong mean over ranks.
 """
-import json
 import math
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
+import ranks
 from hift_rt import fsdp
 
-HERE = os.path.dirname(__file__)
 LR = 1e-2
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(scenario, world, out, timeout=600):
-    """Run `scenario` on `world` gloo ranks; each rank's report (None if it wrote none)."""
-    port = str(_free_port())
+    """Run `scenario` of tests/fsdp_worker.py on `world` gloo ranks; each rank's report."""
     # The kernels' torch path: their Triton code is checked by the kernel tests, and the
     # interpreter would take minutes here (one launch per parameter and step).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "fsdp_worker.py"), scenario, str(rank), str(world),
-                               port, out], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(world)]
-    logs = [p.communicate(timeout=timeout)[0] for p in procs]
-    reports = []
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        path = f"{out}.rank{rank}"
-        reports.append(json.load(open(path)) if os.path.exists(path) else None)
-        if scenario != "dies" or rank == 0:
-            assert p.returncode == 0 and reports[-1] is not None, f"rank {rank} failed:\n{log[-3000:]}"
-    return reports
+    return ranks.launch("fsdp_worker.py", scenario, world, out, timeout, env={"TRITON_INTERPRET": "0"})
 
 
 # With 2 ranks every config; with 3 (uneven and empty shards, a third rank) those whose mechanics

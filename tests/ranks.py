@@ -1,0 +1,37 @@
+"""Spawning gloo ranks for the multi-process tests: each rank is a subprocess running a worker
+script (tests/dp_worker.py, tests/fsdp_worker.py) with its scenario, rank, world size, port and
+output prefix; each writes its report as JSON to `<out>.rank<r>`."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+HERE = os.path.dirname(__file__)
+
+
+def free_port():
+    """A TCP port free on the loopback now (the OS picks it; the ranks bind it moments later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(worker, scenario, world, out, timeout=600, env=None):
+    """Run `scenario` of tests/`worker` on `world` ranks; each rank's report (None if it wrote none).
+
+    Every rank must exit 0 with a report, except in the scenario "dies", where only rank 0 must
+    (rank 1 exits on purpose)."""
+    port = str(free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, worker), scenario, str(rank), str(world), port, out],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(world)]
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    reports = []
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        path = f"{out}.rank{rank}"
+        reports.append(json.load(open(path)) if os.path.exists(path) else None)
+        if scenario != "dies" or rank == 0:
+            assert p.returncode == 0 and reports[-1] is not None, f"rank {rank} failed:\n{log[-3000:]}"
+    return reports
