@@ -21,13 +21,14 @@ checkpoint is in place, the old one's listed files are deleted, whatever they no
 other file a user put into the directory is moved into the new checkpoint at the same relative
 path (a save whose files would take such a path is refused before it switches).
 
-Leftovers. A save's temporary directory carries the marker WRITING ("<host> <pid>") from its
-creation through the switch; an old checkpoint being cleared carries CLEARING, put in first and
-taken out last. The next `save` clears what a killed save left (a marked directory whose
-process is gone, or one holding nothing but directories), and refuses to start while another
-live process on this host is saving into the same directory; anything else beside the checkpoint
-is left alone. Readers (`manifest`, `recover`) only undo an interrupted fallback switch: they
-never touch a save's temporary directory, which a running save may be writing.
+Leftovers. A save's temporary directory carries the marker WRITING ("<host> <pid> <boot id>:<start
+time>", which tells its process from a later one given the same pid) from its creation through
+the switch; an old checkpoint being cleared carries CLEARING, put in first and taken out last.
+The next `save` clears what a killed save left (a marked directory whose process is gone, or one
+holding nothing but directories), and refuses to start while another live process on this host
+is saving into the same directory; anything else beside the checkpoint is left alone. Readers
+(`manifest`, `recover`) only undo an interrupted fallback switch: they never touch a save's
+temporary directory, which a running save may be writing.
 
 `manifest(directory)` recovers, then checks every file the manifest lists (present, size,
 sha256) and returns the manifest; anything else raises CheckpointError with one line that names
@@ -54,7 +55,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Dict, List, Optional
 
 MANIFEST = "hift_rt_checkpoint.json"
-WRITING = ".hift_rt_writing"    # marker of a save's temporary directory: "<host> <pid>" of its writer
+WRITING = ".hift_rt_writing"    # marker of a save's temporary directory: "<host> <pid> <identity>" of its writer
 CLEARING = ".hift_rt_clearing"  # marker of an old checkpoint being cleared, put in first, taken out last
 OURS = (MANIFEST, WRITING, CLEARING)  # entries of a checkpoint directory that no manifest lists
 FORMAT = 1
@@ -199,18 +200,35 @@ def check_target(directory: Path, name: Optional[str] = None) -> None:
                               "yours: give another directory") from None
 
 
+def _process_identity(pid: int) -> str:
+    """"<boot id>:<start time>" of process `pid` on this host, or "-" where /proc does not say.
+
+    A pid is reused once its process ends; the boot and the start time (clock ticks since boot,
+    field 22 of /proc/PID/stat) tell a later process with the same pid from the one that wrote
+    a marker."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # the name may hold spaces
+        return f"{boot}:{fields[19]}"  # fields[0] is field 3 (the state)
+    except (OSError, IndexError):
+        return "-"
+
+
 def _mark(directory: Path, marker: str) -> None:
-    """Put `marker` into `directory`, naming this process: "<host> <pid>"."""
-    (directory / marker).write_text(f"{socket.gethostname()} {os.getpid()}")
+    """Put `marker` into `directory`, naming this process: "<host> <pid> <identity>"."""
+    pid = os.getpid()
+    (directory / marker).write_text(f"{socket.gethostname()} {pid} {_process_identity(pid)}")
 
 
 def _owner_alive(hidden: Path) -> bool:
     """Whether the process its markers name may still be working on `hidden`: one on another host
     (it cannot be checked from here), or a live process on this one other than this process (a
-    save of this process that failed left it: nothing of ours runs beside a save)."""
+    save of this process that failed left it: nothing of ours runs beside a save) that is the
+    marker's writer, not a later process given the same pid. A marker without the identity
+    (written by an older hift_rt) is judged by its pid alone."""
     for marker in (CLEARING, WRITING):
         try:
-            host, pid = (hidden / marker).read_text().split()
+            host, pid, *identity = (hidden / marker).read_text().split()
             pid = int(pid)
         except (OSError, ValueError):
             continue
@@ -223,8 +241,9 @@ def _owner_alive(hidden: Path) -> bool:
         except ProcessLookupError:
             return False
         except PermissionError:
-            return True
-        return True
+            pass  # another user's live process
+        now = _process_identity(pid)
+        return not identity or "-" in (identity[0], now) or identity[0] == now
     return False
 
 
@@ -303,8 +322,10 @@ def _clear_left_saves(directory: Path) -> None:
         if _ours_and_left(hidden):
             _discard(hidden, directory)
         elif (hidden / WRITING).is_file() or (hidden / CLEARING).is_file():
-            owner = next(((hidden / m).read_text().strip() for m in (CLEARING, WRITING) if (hidden / m).is_file()), "")
-            if owner.split()[:1] == [socket.gethostname()]:
+            marker = next(((hidden / m).read_text().split() for m in (CLEARING, WRITING) if (hidden / m).is_file()),
+                          [])
+            owner = " ".join(marker[:2])
+            if marker[:1] == [socket.gethostname()]:
                 raise CheckpointError(f"another process (host and pid: {owner}) is saving into {directory} through "
                                       f"{hidden.name}; one process writes a checkpoint at a time (if no such "
                                       f"process runs, the folder is a leftover: delete it)")

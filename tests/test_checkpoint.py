@@ -202,15 +202,37 @@ def test_a_live_save_of_another_process_is_waited_for_not_cleared_and_a_dead_one
     (running / "model.bin").write_bytes(b"half")
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (running / checkpoint.WRITING).write_text(f"{socket.gethostname()} {other.pid}")
-        with pytest.raises(checkpoint.CheckpointError, match=f"another process .* {other.pid}.* is saving into"):
-            checkpoint.save(directory, writer(2, lambda: None), 2)
-        assert (running / "model.bin").read_bytes() == b"half" and assert_checkpoint_of(directory, {1}) == 1
+        # written by this hift_rt (with the process's identity) and by an older one (pid alone)
+        for marker in (f"{socket.gethostname()} {other.pid} {checkpoint._process_identity(other.pid)}",
+                       f"{socket.gethostname()} {other.pid}"):
+            (running / checkpoint.WRITING).write_text(marker)
+            with pytest.raises(checkpoint.CheckpointError,
+                               match=f"another process \\(host and pid: {socket.gethostname()} {other.pid}\\) is "
+                                     "saving into"):
+                checkpoint.save(directory, writer(2, lambda: None), 2)
+            assert (running / "model.bin").read_bytes() == b"half" and assert_checkpoint_of(directory, {1}) == 1
     finally:
         other.kill()
         other.wait()
     checkpoint.save(directory, writer(2, lambda: None), 2)  # its writer is gone: a leftover
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.skipif(checkpoint._process_identity(os.getpid()) == "-", reason="needs Linux's /proc")
+def test_a_dead_saves_pid_taken_by_a_later_process_does_not_block_the_next_save(tmp_path):
+    """The writer was killed and its pid given to another process: the marker's identity (boot id,
+    start time) differs from that process's, so the save's leftovers are cleared, not waited for."""
+    directory = tmp_path / "ckpt"
+    checkpoint.save(directory, writer(1, lambda: None), 1)
+    left = tmp_path / ".ckpt.saving-123-abcd"
+    left.mkdir()
+    (left / "model.bin").write_bytes(b"half")
+    boot, start = checkpoint._process_identity(os.getppid()).split(":")
+    assert start.isdigit() and len(boot) >= 32
+    # a live process (this one's parent) under the identity of one that started a tick earlier
+    (left / checkpoint.WRITING).write_text(f"{socket.gethostname()} {os.getppid()} {boot}:{int(start) - 1}")
+    checkpoint.save(directory, writer(2, lambda: None), 2)
+    assert assert_checkpoint_of(directory, {2}) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 def test_hidden_directories_that_are_not_a_saves_are_left_alone(tmp_path):
