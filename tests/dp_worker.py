@@ -1,7 +1,6 @@
 """One rank of the data-parallel tests (tests/test_distributed.py): `python dp_worker.py SCENARIO
 RANK WORLD PORT OUT`. Joins a gloo group, runs the scenario, and rank 0 writes a JSON report to OUT
 (every rank writes OUT.rank<r> for the per-rank figures)."""
-import json
 import os
 import sys
 import time
@@ -13,6 +12,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 import hift_rt  # noqa: E402
 from models import tiny_llama  # noqa: E402
+from ranks import finish  # noqa: E402
 
 MICRO = 2  # sequences per rank and micro-batch
 
@@ -183,6 +183,7 @@ def subgroup(rank, world):
     if rank == 2:
         return {}
     group = dist.new_group([0, 1], use_local_synchronization=True)
+    get_backend = dist.get_backend
     dist.get_backend = lambda group=None: "nccl"  # the gloo subgroup stands in for an NCCL one
     model, _ = tiny_llama()
     opt = hift_rt.wrap(model, "adamw", lr=1e-2, seed=3, eps=1e-3, process_group=group)
@@ -190,6 +191,7 @@ def subgroup(rank, world):
     assert host_group is not group
     train(model, opt, global_batches(steps=3, accumulate=1, world=2), part=rank, world=2)
     opt.close()
+    dist.get_backend = get_backend  # the world's barrier at the end runs on gloo, as it is
     try:
         dist.get_rank(host_group)
     except (ValueError, RuntimeError):  # torch: "Invalid process group specified" once destroyed
@@ -258,10 +260,7 @@ def main():
     else:
         report = {"dies": dies, "mismatch": mismatch, "nccl_one_rank": nccl_one_rank, "subgroup": subgroup,
                   "scaler_disagreement": scaler_disagreement}[scenario](rank, world)
-    with open(f"{out}.rank{rank}", "w") as f:
-        json.dump(report, f)
-    if scenario not in ("dies", "subgroup"):
-        dist.destroy_process_group()
+    finish(report, out, rank, peer_lost=scenario == "dies")
 
 
 if __name__ == "__main__":

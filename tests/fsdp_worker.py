@@ -3,7 +3,6 @@ Joins a gloo group, runs the scenario and writes its report to OUT.rank<r> (JSON
 
 Scenarios: "suite:DIR:CONFIGS" (the refusals and the GradScaler on 2 ranks, each config of CONFIGS
 against one process, and the checkpoint steps for this world size), "dies"."""
-import json
 import os
 import sys
 from datetime import timedelta
@@ -21,6 +20,7 @@ import hift_rt  # noqa: E402
 from hift_rt import fsdp  # noqa: E402
 from dp_worker import MICRO, global_batches, resume_data, step_after_peer_exit, train, train_share, weights  # noqa: E402
 from models import tiny_llama  # noqa: E402
+from ranks import finish  # noqa: E402
 
 
 def mlp(seed=0):
@@ -380,13 +380,7 @@ def main():
             report["checkpoint"] = checkpoint(rank, world, directory)
         else:
             report["resume"] = resume(rank, world, directory)
-    with open(f"{out}.rank{rank}", "w") as f:
-        json.dump(report, f)
-    if scenario == "dies":
-        # The group lost a peer: what is tested is the raise above; gloo's threads may abort the
-        # interpreter's teardown ("terminate called without an active exception"), so skip it.
-        os._exit(0)
-    dist.destroy_process_group()
+    finish(report, out, rank, peer_lost=scenario == "dies")
 
 
 if __name__ == "__main__":

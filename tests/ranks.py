@@ -35,3 +35,21 @@ def launch(worker, scenario, world, out, timeout=600, env=None):
         if scenario != "dies" or rank == 0:
             assert p.returncode == 0 and reports[-1] is not None, f"rank {rank} failed:\n{log[-3000:]}"
     return reports
+
+
+def finish(report, out, rank, peer_lost=False):
+    """A worker's last act: write this rank's report to `<out>.rank<rank>`, then leave the process
+    group. Every rank first waits at a barrier, so none closes its connections while a peer is
+    still inside the last collective; a process that exits with a live gloo group can abort in
+    the interpreter's teardown ("terminate called without an active exception", exit -6). Where a
+    peer was lost on purpose (`peer_lost`) there is no barrier to pass and no clean teardown: the
+    report is what is tested, and the process ends at once."""
+    import torch.distributed as dist
+
+    with open(f"{out}.rank{rank}", "w") as f:
+        json.dump(report, f)
+    if peer_lost:
+        sys.stdout.flush()
+        os._exit(0)
+    dist.barrier()
+    dist.destroy_process_group()

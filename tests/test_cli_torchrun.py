@@ -124,7 +124,9 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_and_on_two_as_one_process_run
         assert_close_weights(directory, root / "whole")
 
 
-# One rank fails inside Ranks.agree; then the CLI with an output path that only rank 0 checks.
+# One rank fails inside Ranks.agree; then the CLI with an output path that only rank 0 checks, in the
+# process group this script joined (the CLI uses it as it is); the script leaves it: a process that
+# exits with a gloo group alive can abort in the interpreter's teardown (exit code -6).
 AGREE = """
 import sys, torch
 from hift_rt import job
@@ -138,7 +140,9 @@ try:
             raise job.JobError("only rank 1 failed")
 except job.JobError as exc:
     print(f"agreed: {exc}", flush=True)
-sys.exit(main(sys.argv[1:]))
+code = main(sys.argv[1:])
+ranks.leave()
+sys.exit(code)
 """
 
 
