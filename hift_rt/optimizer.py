@@ -24,7 +24,7 @@ import math
 import signal
 import threading
 import weakref
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -132,7 +132,15 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._comm = self._communicator()
         self.groups = self._build_groups(model, cut)
         if self._comm:
-            self._comm.check_same(self._description())
+            try:
+                self._comm.check_same(self._description())
+            except ValueError:
+                # The refusal's traceback holds this half-built optimizer (in reference cycles) until
+                # a garbage collection: let go of the group now, or destroy_process_group leaves its
+                # gloo threads running into the interpreter's teardown, which can abort (exit -6).
+                self._comm.close()
+                self._comm = None
+                raise
         self._make_gradients()
         self._steps = [0] * len(self.groups)
         self._rotation = Rotation(len(self.groups), config.strategy, config.seed)

@@ -4,6 +4,7 @@ RANK WORLD PORT OUT`. Joins a gloo group, runs the scenario, and rank 0 writes a
 import os
 import sys
 import time
+import traceback
 from datetime import timedelta
 
 import torch
@@ -235,12 +236,16 @@ def scaler_disagreement(rank, world):
 
 
 def mismatch(rank, world):
-    """Rank 1 wraps with another seed: wrap must refuse on every rank, naming it."""
+    """Rank 1 wraps with another seed: wrap must refuse on every rank, naming it; the refused,
+    half-built optimizer (reachable from the traceback) must no longer hold the process group."""
     model, _ = tiny_llama()
     try:
         hift_rt.wrap(model, "adamw", lr=1e-2, seed=rank)
     except ValueError as exc:
-        return {"message": str(exc)}
+        half_built = [frame.f_locals.get("self") for frame, _ in traceback.walk_tb(exc.__traceback__)]
+        refused = [o for o in half_built if isinstance(o, hift_rt.HiFTOptimizer)]
+        return {"message": str(exc), "refused": len(refused),
+                "holds_group": any(o._comm is not None for o in refused)}
     return {"message": None}
 
 

@@ -37,13 +37,18 @@ def launch(worker, scenario, world, out, timeout=600, env=None):
     return reports
 
 
+
 def finish(report, out, rank, peer_lost=False):
     """A worker's last act: write this rank's report to `<out>.rank<rank>`, then leave the process
-    group. Every rank first waits at a barrier, so none closes its connections while a peer is
-    still inside the last collective; a process that exits with a live gloo group can abort in
-    the interpreter's teardown ("terminate called without an active exception", exit -6). Where a
-    peer was lost on purpose (`peer_lost`) there is no barrier to pass and no clean teardown: the
+    group. What still holds the group (an optimizer or a failed wrap's traceback, in a reference
+    cycle) is collected first, so that destroy_process_group really ends gloo's threads: left for
+    the interpreter's teardown, a gloo thread that drops a finished collective's tensors takes the
+    GIL after Python began finalizing and aborts the process ("terminate called without an active
+    exception", exit -6; seen in CI, core dump in pybind11::gil_scoped_acquire under
+    ~AsyncAllgatherWork). Where a peer was lost on purpose (`peer_lost`) no teardown is clean: the
     report is what is tested, and the process ends at once."""
+    import gc
+
     import torch.distributed as dist
 
     with open(f"{out}.rank{rank}", "w") as f:
@@ -51,5 +56,5 @@ def finish(report, out, rank, peer_lost=False):
     if peer_lost:
         sys.stdout.flush()
         os._exit(0)
-    dist.barrier()
+    gc.collect()
     dist.destroy_process_group()

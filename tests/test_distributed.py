@@ -100,6 +100,7 @@ def test_a_rank_that_dies_mid_step_makes_the_others_raise_not_hang(tmp_path):
 def test_ranks_that_wrap_differently_are_refused_naming_the_difference(tmp_path):
     for report in launch("mismatch", 2, tmp_path):
         assert "rank 1 differs from rank 0 in settings.seed (0 vs 1)" in report["message"]
+        assert report["refused"] == 1 and not report["holds_group"]
 
 
 def test_a_subgroup_trains_without_the_ranks_outside_it(tmp_path):
