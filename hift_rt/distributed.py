@@ -48,6 +48,17 @@ def resolve(process_group) -> Optional["Communicator"]:
     return Communicator(process_group)
 
 
+class _Released:
+    """Stands for the process group a closed Communicator let go of: torch refuses it by name in
+    any collective (None would silently mean the default group)."""
+
+    def __repr__(self) -> str:
+        return "<process group released by a closed hift_rt optimizer>"
+
+
+_RELEASED = _Released()
+
+
 class Communicator:
     """The collectives of one process group, with byte counters."""
 
@@ -65,10 +76,14 @@ class Communicator:
         self._bytes: Counter = Counter()
 
     def close(self) -> None:
-        """Destroy the gloo group this communicator built (the caller's group stays)."""
+        """Destroy the gloo group this communicator built, and let go of the caller's group (which
+        stays). A closed optimizer kept alive by the training script must not keep the group
+        alive past destroy_process_group: its gloo threads would then run into the interpreter's
+        teardown, and one that drops a finished collective's tensors there aborts the process."""
         if self._own_host_group:
             dist.destroy_process_group(self.host_group)
             self._own_host_group = False
+        self.group = self.host_group = _RELEASED
 
     def shard(self, n: int):
         """[lo, hi): this rank's contiguous share of n elements (n a multiple of the world size)."""

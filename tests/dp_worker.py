@@ -192,12 +192,13 @@ def subgroup(rank, world):
     assert host_group is not group
     train(model, opt, global_batches(steps=3, accumulate=1, world=2), part=rank, world=2)
     opt.close()
-    dist.get_backend = get_backend  # the world's barrier at the end runs on gloo, as it is
+    dist.get_backend = get_backend
+    released = not any(isinstance(v, dist.ProcessGroup) for v in vars(opt._comm).values())
     try:
         dist.get_rank(host_group)
     except (ValueError, RuntimeError):  # torch: "Invalid process group specified" once destroyed
-        return {"weights": weights(model).tolist(), "host_group_destroyed": True}
-    return {"weights": weights(model).tolist(), "host_group_destroyed": False}
+        return {"weights": weights(model).tolist(), "host_group_destroyed": True, "released": released}
+    return {"weights": weights(model).tolist(), "host_group_destroyed": False, "released": released}
 
 
 def scaled_run(model, opt, data, part, world, poisoned_step, poison):

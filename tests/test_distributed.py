@@ -105,10 +105,11 @@ def test_ranks_that_wrap_differently_are_refused_naming_the_difference(tmp_path)
 
 def test_a_subgroup_trains_without_the_ranks_outside_it(tmp_path):
     """A non-gloo group gets a gloo twin for host-side flags, built by its members alone (a rank
-    outside the group never calls wrap) and destroyed by close()."""
+    outside the group never calls wrap) and destroyed by close(), which lets go of both groups."""
     reports = launch("subgroup", 3, tmp_path, timeout=120)
     assert reports[0]["weights"] == reports[1]["weights"]
     assert reports[0]["host_group_destroyed"] and reports[1]["host_group_destroyed"]
+    assert reports[0]["released"] and reports[1]["released"]  # close() holds neither group
 
 
 @pytest.mark.cuda
