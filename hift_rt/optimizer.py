@@ -136,10 +136,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 self._comm.check_same(self._description())
             except ValueError:
                 # The refusal's traceback holds this half-built optimizer (in reference cycles) until
-                # a garbage collection: let go of the group now, or destroy_process_group leaves its
-                # gloo threads running into the interpreter's teardown, which can abort (exit -6).
+                # a garbage collection: let go of the group now (close() does), or destroy_process_group
+                # leaves its gloo threads running into the interpreter's teardown, which can abort (exit -6).
                 self._comm.close()
-                self._comm = None
                 raise
         self._make_gradients()
         self._steps = [0] * len(self.groups)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 import hift_rt  # noqa: E402
 from models import tiny_llama  # noqa: E402
-from ranks import finish  # noqa: E402
+from ranks import finish, holds_group  # noqa: E402
 
 MICRO = 2  # sequences per rank and micro-batch
 
@@ -193,12 +193,13 @@ def subgroup(rank, world):
     train(model, opt, global_batches(steps=3, accumulate=1, world=2), part=rank, world=2)
     opt.close()
     dist.get_backend = get_backend
-    released = not any(isinstance(v, dist.ProcessGroup) for v in vars(opt._comm).values())
     try:
         dist.get_rank(host_group)
+        destroyed = False
     except (ValueError, RuntimeError):  # torch: "Invalid process group specified" once destroyed
-        return {"weights": weights(model).tolist(), "host_group_destroyed": True, "released": released}
-    return {"weights": weights(model).tolist(), "host_group_destroyed": False, "released": released}
+        destroyed = True
+    return {"weights": weights(model).tolist(), "host_group_destroyed": destroyed,
+            "released": not holds_group(opt._comm)}
 
 
 def scaled_run(model, opt, data, part, world, poisoned_step, poison):
@@ -246,7 +247,7 @@ def mismatch(rank, world):
         half_built = [frame.f_locals.get("self") for frame, _ in traceback.walk_tb(exc.__traceback__)]
         refused = [o for o in half_built if isinstance(o, hift_rt.HiFTOptimizer)]
         return {"message": str(exc), "refused": len(refused),
-                "holds_group": any(o._comm is not None for o in refused)}
+                "holds_group": any(holds_group(o._comm) for o in refused)}
     return {"message": None}
 
 

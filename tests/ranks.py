@@ -1,11 +1,14 @@
 """Spawning gloo ranks for the multi-process tests: each rank is a subprocess running a worker
 script (tests/dp_worker.py, tests/fsdp_worker.py) with its scenario, rank, world size, port and
 output prefix; each writes its report as JSON to `<out>.rank<r>`."""
+import gc
 import json
 import os
 import socket
 import subprocess
 import sys
+
+import torch.distributed as dist
 
 HERE = os.path.dirname(__file__)
 
@@ -31,11 +34,20 @@ def launch(worker, scenario, world, out, timeout=600, env=None):
     reports = []
     for rank, (p, log) in enumerate(zip(procs, logs)):
         path = f"{out}.rank{rank}"
-        reports.append(json.load(open(path)) if os.path.exists(path) else None)
+        reports.append(read_report(path) if os.path.exists(path) else None)
         if scenario != "dies" or rank == 0:
             assert p.returncode == 0 and reports[-1] is not None, f"rank {rank} failed:\n{log[-3000:]}"
     return reports
 
+
+def read_report(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def holds_group(obj):
+    """Whether any attribute of `obj` is a torch.distributed ProcessGroup."""
+    return any(isinstance(v, dist.ProcessGroup) for v in vars(obj).values())
 
 
 def finish(report, out, rank, peer_lost=False):
@@ -47,10 +59,6 @@ def finish(report, out, rank, peer_lost=False):
     exception", exit -6; seen in CI, core dump in pybind11::gil_scoped_acquire under
     ~AsyncAllgatherWork). Where a peer was lost on purpose (`peer_lost`) no teardown is clean: the
     report is what is tested, and the process ends at once."""
-    import gc
-
-    import torch.distributed as dist
-
     with open(f"{out}.rank{rank}", "w") as f:
         json.dump(report, f)
     if peer_lost:
